@@ -1,0 +1,250 @@
+"""Teacher and student networks, built on timm. Each model carries its metadata in timm's
+`pretrained_cfg` (number and names of classes, mean/std, input size) so it can be rebuilt and fed
+correctly without the recipe that trained it."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm
+import torch
+from torch import nn
+from timm.models.deit import VisionTransformerDistilled
+
+from . import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
+
+TEACHER_KIND = "teacher"
+STUDENT_KIND = "student"
+
+
+# --------------------------------------------------------------------------------------------- metadata
+def model_meta(model: nn.Module) -> dict[str, Any]:
+    """num_classes, class_names, in_chans, img_size, mean, std of a model built here (or any timm model)."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    return dict(
+        name=cfg.get("architecture"),
+        num_classes=int(cfg.get("num_classes", getattr(model, "num_classes", 0))),
+        class_names=list(cfg["label_names"]) if cfg.get("label_names") else None,
+        in_chans=int(input_size[0]),
+        img_size=int(input_size[-1]),
+        mean=tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+
+
+def set_model_meta(
+    model: nn.Module,
+    *,
+    num_classes: int,
+    in_chans: int,
+    img_size: int | None = None,
+    class_names: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = img_size or tuple(cfg.get("input_size", (3, 224, 224)))[-1]
+    cfg.update(num_classes=num_classes, input_size=(in_chans, size, size))
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
+        cfg["label_names"] = tuple(class_names)
+    if mean is not None:
+        cfg["mean"] = _per_channel(mean, in_chans, "mean")
+    if std is not None:
+        cfg["std"] = _per_channel(std, in_chans, "std")
+    elif len(cfg.get("mean", ())) != in_chans:  # an ImageNet default on a grayscale model
+        cfg["mean"] = _per_channel(cfg.get("mean", (0.5,)), in_chans, "mean")
+    if len(cfg.get("std", ())) != in_chans:
+        cfg["std"] = _per_channel(cfg.get("std", (0.5,)), in_chans, "std")
+    model.pretrained_cfg = cfg
+    return model
+
+
+def _per_channel(values: Sequence[float], in_chans: int, field: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    if len(values) == 1 or in_chans == 1:
+        avg = sum(values) / len(values)
+        return (avg,) * in_chans
+    raise ValueError(f"{field} has {len(values)} values but the model takes {in_chans} channels")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Loads a checkpoint or state_dict without executing code: safetensors, or torch.load with
+    `weights_only=True` (a pickle that would run code is refused by torch and reported here)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return {"state_dict": load_file(str(path))}
+        except Exception as e:  # noqa: BLE001 - any parse failure means a corrupted file
+            raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds pickled objects that could run code and was refused "
+                f"(weights_only=True): {msg}. Save a plain state_dict or safetensors instead"
+            ) from None
+        raise ValueError(f"checkpoint {str(path)!r} is corrupted or not a torch checkpoint ({msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def split_checkpoint(obj: dict[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict of the submodule under `prefix`, hyper-parameters) from a Lightning checkpoint of this
+    toolkit, or (the dict itself, {}) from a plain state_dict."""
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        hparams = dict(obj.get("hyper_parameters") or {})
+        sd = obj["state_dict"]
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        return sd, hparams
+    if "model" in obj and isinstance(obj["model"], dict):  # DeiT/timm training scripts
+        return obj["model"], {}
+    return obj, {}
+
+
+# -------------------------------------------------------------------------------------------- builders
+def _create(name: str, **kwargs) -> nn.Module:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ValueError(f"model {name!r} is not a timm model{hint}")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def build_teacher(
+    name: str,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    img_size: int | None = None,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm CNN (resnet18/50, regnety_*, cifar_resnet18, ...) with its metadata attached.
+
+    `checkpoint` is a step-1 checkpoint of this toolkit (its architecture, classes, mean/std and input
+    size are read from it and win over the arguments), a plain state_dict file or a safetensors file,
+    all loaded without running pickled code.
+    """
+    state_dict, hp = None, {}
+    if checkpoint is not None:
+        obj = load_weights_file(checkpoint)
+        state_dict, hp = split_checkpoint(obj, "model.")
+        if hp.get("distill_kind") == STUDENT_KIND:
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} is a student (step 2) checkpoint; pass a teacher (step 1) checkpoint"
+            )
+        if hp:
+            if hp.get("model") and hp["model"] != name:
+                name = hp["model"]  # the checkpoint knows its own architecture
+            num_classes = hp.get("num_classes") or num_classes
+            in_chans = hp.get("in_chans") or in_chans
+            class_names = hp.get("class_names") or class_names
+            mean, std = hp.get("mean") or mean, hp.get("std") or std
+            img_size = hp.get("img_size") or img_size
+            timm_kwargs = {**(hp.get("model_kwargs") or {}), **timm_kwargs}
+        elif num_classes is None:
+            head = [v for k, v in state_dict.items() if k.endswith(("fc.weight", "head.weight", "classifier.weight"))]
+            num_classes = int(head[-1].shape[0]) if head else None
+    if num_classes is None:
+        raise ValueError("build_teacher: num_classes is required (or a checkpoint of this toolkit that records it)")
+    model = _create(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} does not fit {name} with {num_classes} classes and {in_chans} "
+                f"channels: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+    set_model_meta(
+        model, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+        class_names=class_names, mean=mean, std=std,
+    )
+    model.pretrained_cfg["architecture"] = name
+    model.distill_spec = dict(name=name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    return model
+
+
+def build_student(
+    name: str = "deit_tiny_distilled_patch16_224",
+    num_classes: int = 1000,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    in_chans: int = 3,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    drop_path_rate: float = 0.1,
+    distilled: bool = True,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm Vision Transformer student.
+
+    With `distilled=True` it is timm's `VisionTransformerDistilled` (DeiT's class + distillation tokens):
+    in training mode it returns `(z_cls, z_dist)`, in eval mode the fused logits `(z_cls + z_dist) / 2`.
+    `distilled=False` gives the plain ViT of the same size (one head), for Hinton-style KD or the
+    no-distillation baseline. `embed_dim`, `depth`, `num_heads`, `patch_size` override the named size.
+    """
+    if patch_size is not None and img_size % patch_size:
+        raise ValueError(
+            f"img_size={img_size} is not divisible by patch_size={patch_size}; choose a patch size that divides it"
+        )
+    if distilled and "distilled" not in name:
+        raise ValueError(
+            f"student {name!r} has no distillation token; use a *_distilled_* model "
+            f"(e.g. deit_tiny_distilled_patch16_224) or distilled=False"
+        )
+    arch = name if distilled else name.replace("_distilled", "")
+    overrides = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    model = _create(
+        arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+        drop_path_rate=drop_path_rate, **kwargs, **timm_kwargs,
+    )
+    if distilled:
+        assert isinstance(model, VisionTransformerDistilled)
+        model.set_distilled_training(True)
+    set_model_meta(model, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    model.pretrained_cfg["architecture"] = arch
+    model.distill_spec = dict(
+        name=name, num_classes=num_classes, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path_rate,
+        distilled=distilled, **timm_kwargs,
+    )
+    return model
+
+
+def student_heads(student: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_cls, z_dist) of a distilled student in any mode; for a one-head student both are its logits."""
+    if isinstance(student, VisionTransformerDistilled):
+        feats = student.forward_features(x)
+        return student.head(feats[:, 0]), student.head_dist(feats[:, 1])
+    out = student(x)
+    return out, out

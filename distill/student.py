@@ -1,0 +1,327 @@
+"""Step 2: train a ViT student with a distillation token against a frozen teacher."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import DistillationLoss
+from .metrics import accuracy_metrics
+from .models import STUDENT_KIND, build_student, build_teacher, model_meta, sha256_of, student_heads
+from .optim import optimizer_config
+
+
+@dataclass
+class StudentConfig:
+    """The student ViT, as `distill.build_student` takes it. Fields left as None come from the data.
+
+    Args:
+        name: timm model name; a `*_distilled_*` DeiT when `distilled` is true.
+        num_classes: number of classes; None = the data's.
+        img_size: input size; None = the data's.
+        patch_size: patch side; None = the named model's (16 for DeiT).
+        in_chans: input channels; None = the data's.
+        embed_dim: width; None = the named model's (DeiT-Ti 192, S 384, B 768).
+        depth: number of blocks; None = the named model's (12).
+        num_heads: attention heads; None = the named model's.
+        drop_path_rate: stochastic depth rate (DeiT: 0.1).
+        distilled: with DeiT's distillation token and head; false = a plain ViT (Hinton KD, no distillation).
+    """
+
+    name: str = "deit_tiny_distilled_patch16_224"
+    num_classes: int | None = None
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.1
+    distilled: bool = True
+
+
+class TeacherInput(nn.Module):
+    """Turns a batch normalised for the student into what the teacher expects: other channels, other
+    mean/std, other input size. The identity when both agree."""
+
+    def __init__(self, src_mean, src_std, dst_mean, dst_std, src_chans: int, dst_chans: int, dst_size: int | None):
+        super().__init__()
+        self.dst_chans, self.dst_size = dst_chans, dst_size
+        self.channels_differ = src_chans != dst_chans
+        self.renormalise = self.channels_differ or tuple(src_mean) != tuple(dst_mean) or tuple(src_std) != tuple(dst_std)
+        view = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+        self.register_buffer("src_mean", view(src_mean), persistent=False)
+        self.register_buffer("src_std", view(src_std), persistent=False)
+        self.register_buffer("dst_mean", view(dst_mean), persistent=False)
+        self.register_buffer("dst_std", view(dst_std), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.renormalise:
+            x = x * self.src_std.to(x.dtype) + self.src_mean.to(x.dtype)
+            if self.channels_differ:  # grayscale <-> RGB
+                x = x.mean(1, keepdim=True).expand(-1, self.dst_chans, -1, -1) if self.dst_chans != 1 else x.mean(1, keepdim=True)
+            x = (x - self.dst_mean.to(x.dtype)) / self.dst_std.to(x.dtype)
+        if self.dst_size and x.shape[-1] != self.dst_size:
+            x = F.interpolate(x, size=(self.dst_size, self.dst_size), mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+
+class DistillModule(L.LightningModule):
+    """DeiT's step 2: a student ViT learns from the ground truth and from a frozen teacher.
+
+    The teacher is frozen for good: no gradients, never in train mode (also across Lightning's
+    validation mode switches), not in the optimizer and not in checkpoints. The checkpoint records its
+    identity (path, sha256, architecture) instead, and loading or resuming reloads it from there.
+
+    Args:
+        student: a `StudentConfig` (recipes), or a model from `distill.build_student` (Python API).
+        teacher: path of a step-1 checkpoint (or state_dict / safetensors file), or a model from
+            `distill.build_teacher`; None only for `loss.mode: none` or inference.
+        loss: `DistillationLoss`; `alpha` weighs the distillation term.
+        lr: peak learning rate of AdamW (DeiT: 5e-4 x global batch / 512).
+        weight_decay: AdamW weight decay, not applied to norms, biases, position embedding, tokens.
+        warmup_epochs: epochs of linear warm-up (fractions allowed).
+        min_lr_ratio: final learning rate as a fraction of `lr`.
+        ema_decay: decay of an exponential moving average of the student's weights, evaluated as
+            `val/acc_ema`; None = off.
+        teacher_sha256: expected sha256 of the teacher file (filled in automatically; a mismatch when
+            loading or resuming is an error).
+    """
+
+    def __init__(
+        self,
+        student: Union[StudentConfig, nn.Module] = StudentConfig(),  # noqa: B008 - a frozen default
+        teacher: Union[str, nn.Module, None] = None,
+        loss: Union[DistillationLoss, None] = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 5.0,
+        min_lr_ratio: float = 0.01,
+        ema_decay: float | None = None,
+        teacher_sha256: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["student", "teacher", "loss"])
+        for key in ("_instantiator", "_class_path"):  # keep checkpoints loadable without jsonargparse
+            self._hparams.pop(key, None)
+        self.hparams["distill_kind"] = STUDENT_KIND
+
+        if isinstance(loss, dict):
+            loss = DistillationLoss(**loss)
+        self.loss = loss if loss is not None else DistillationLoss()
+        self.hparams["loss"] = self.loss.config()
+
+        self.teacher = self._load_teacher(teacher, teacher_sha256)
+        self.teacher_input: nn.Module = nn.Identity()
+
+        if isinstance(student, dict):
+            student = StudentConfig(**student)
+        self.student: nn.Module | None = student if isinstance(student, nn.Module) else None
+        self.student_config = student if isinstance(student, StudentConfig) else None
+        if self.student is not None:
+            self.hparams["student"] = dict(student.distill_spec)
+        else:
+            self._fill_student_config()
+        self.student_ema = None
+        if self.student is None and self._config_complete():
+            self.configure_model()
+
+    # ------------------------------------------------------------------------------ the teacher
+    def _load_teacher(self, teacher, expected_sha256: str | None) -> nn.Module | None:
+        self.teacher_identity: dict[str, Any] = {}
+        if teacher is None:
+            self.hparams["teacher"] = None
+            return None
+        if isinstance(teacher, (str, os.PathLike)):
+            path = Path(teacher).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"model.teacher: teacher checkpoint {str(path)!r} does not exist; train step 1 first or fix the path")
+            digest = sha256_of(path)
+            if expected_sha256 and digest != expected_sha256:
+                raise ValueError(
+                    f"model.teacher: {str(path)!r} has sha256 {digest[:12]}... but this run was trained with "
+                    f"{expected_sha256[:12]}...; the teacher file changed since, restore it or start a new run"
+                )
+            teacher = build_teacher("cifar_resnet18", checkpoint=path)
+            self.hparams["teacher"] = str(path)
+            self.hparams["teacher_sha256"] = digest
+            self.teacher_identity = dict(path=str(path), sha256=digest)
+        else:
+            self.hparams["teacher"] = None
+        meta = model_meta(teacher)
+        self.teacher_identity.update(architecture=meta["name"], num_classes=meta["num_classes"],
+                                     class_names=meta["class_names"], img_size=meta["img_size"])
+        teacher.eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    def _teacher_task(self) -> dict[str, Any]:
+        if self.teacher is None:
+            return {}
+        meta = model_meta(self.teacher)
+        return dict(num_classes=meta["num_classes"], in_chans=meta["in_chans"], img_size=meta["img_size"])
+
+    def train(self, mode: bool = True) -> "DistillModule":
+        # Lightning flips modules between train and eval around validation; the teacher (and the EMA
+        # copy) must stay in eval for good, so BatchNorm statistics and dropout never change.
+        super().train(mode)
+        for frozen in (self.teacher, self.student_ema):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(self.teacher_input(x))
+
+    # ---------------------------------------------------------------------------------- set-up
+    def _fill_student_config(self, **values) -> None:
+        cfg = self.student_config
+        for key, value in values.items():
+            if getattr(cfg, key) is None and value is not None:
+                setattr(cfg, key, value)
+        self.hparams["student"] = asdict(cfg)
+
+    def _config_complete(self) -> bool:
+        cfg = self.student_config
+        return None not in (cfg.num_classes, cfg.img_size, cfg.in_chans)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        if self.student is None:  # fields left as None follow the data
+            self._fill_student_config(num_classes=dm.num_classes, img_size=dm.img_size, in_chans=dm.in_chans)
+        self._check_classes(dm)
+        if self.teacher is not None:
+            t = model_meta(self.teacher)
+            self.teacher_input = TeacherInput(dm.mean, dm.std, t["mean"], t["std"], dm.in_chans, t["in_chans"], t["img_size"])
+
+    def _check_classes(self, dm) -> None:
+        n, names = dm.num_classes, list(dm.class_names)
+        if self.teacher is not None:
+            t = model_meta(self.teacher)
+            if t["num_classes"] != n:
+                raise ValueError(f"model.teacher: the teacher predicts {t['num_classes']} classes but the data has {n}; "
+                                 f"use a teacher trained on this data")
+            if t["class_names"] is not None and list(t["class_names"]) != names:
+                raise ValueError(f"model.teacher: the teacher's classes {t['class_names'][:4]}... differ in order or "
+                                 f"name from the data's {names[:4]}...; use a teacher trained on this data")
+        if self.student is not None and model_meta(self.student)["num_classes"] != n:
+            raise ValueError(f"model.student: the student has {model_meta(self.student)['num_classes']} classes but the data has {n}")
+        if self.loss.needs_teacher and self.teacher is None:
+            raise ValueError(f"model.teacher is required for loss.mode={self.loss.mode!r}; pass a teacher checkpoint")
+
+    def configure_model(self) -> None:
+        if self.student is None:
+            self._fill_student_config(**self._teacher_task())  # no datamodule: the teacher's task
+            if not self._config_complete():
+                raise ValueError("DistillModule: the student's num_classes/img_size/in_chans are unknown; "
+                                 "set them in model.student or train with a datamodule")
+            self.student = build_student(**asdict(self.student_config))
+        if getattr(self, "val_metrics", None) is None:
+            num_classes = model_meta(self.student)["num_classes"]
+            names = ["acc", "acc_cls", "acc_dist", "acc_top5"]
+            if self.teacher is not None:
+                names += ["acc_teacher", "agreement", "acc_teacher_top5"]
+            if self.hparams.ema_decay:
+                names.append("acc_ema")
+            self.val_metrics = accuracy_metrics(num_classes, names)
+            self.test_metrics = accuracy_metrics(num_classes, names)
+        if self.hparams.ema_decay and self.student_ema is None:
+            from timm.utils import ModelEmaV3
+
+            self.student_ema = ModelEmaV3(self.student, decay=self.hparams.ema_decay)
+            self.student_ema.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------- steps
+    def forward(self, x: torch.Tensor):
+        return self.student(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        z_t = self.teacher_logits(x) if self.loss.needs_teacher else None
+        terms = self.loss(self.student(x), z_t, y)
+        if not torch.isfinite(terms.total):
+            raise FloatingPointError(
+                f"train/loss is {terms.total.item()} at step {self.global_step} (ce={terms.ce.item()}, "
+                f"distill={terms.distill.item()}); lower model.lr or check the data"
+            )
+        self.log("train/loss", terms.total, prog_bar=True)
+        self.log("train/loss_ce", terms.ce)
+        self.log("train/loss_distill", terms.distill)
+        return terms.total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.student_ema is not None:
+            self.student_ema.update(self.student, step=self.global_step)
+
+    def _eval_step(self, batch, metrics: nn.ModuleDict) -> None:
+        x, y = batch
+        z_cls, z_dist = student_heads(self.student, x)
+        fused = (z_cls + z_dist) / 2
+        metrics["acc"].update(fused, y)
+        metrics["acc_cls"].update(z_cls, y)
+        metrics["acc_dist"].update(z_dist, y)
+        if "acc_top5" in metrics:
+            metrics["acc_top5"].update(fused, y)
+        if self.teacher is not None:
+            z_t = self.teacher_logits(x)
+            metrics["acc_teacher"].update(z_t, y)
+            metrics["agreement"].update(fused, z_t.argmax(-1))
+            if "acc_teacher_top5" in metrics:
+                metrics["acc_teacher_top5"].update(z_t, y)
+        if self.student_ema is not None:
+            metrics["acc_ema"].update(self.student_ema.module(x), y)
+
+    def _log_metrics(self, prefix: str, metrics: nn.ModuleDict) -> None:
+        for name, m in metrics.items():
+            self.log(f"{prefix}/{name}", m, prog_bar=name in ("acc", "acc_teacher"))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+        self._log_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.student(x).softmax(-1)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return optimizer_config(self, self.student, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["distill_teacher"] = dict(self.teacher_identity)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The teacher is not in the checkpoint: it was reloaded from its file in __init__. Hand its
+        # current weights back so the strict state_dict load still checks every student key.
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if self.student is None:  # a checkpoint of a module whose student is built lazily
+            self.configure_model()
+
+
+def load_student(checkpoint: str | os.PathLike) -> nn.Module:
+    """The student network alone from a step-2 checkpoint (no teacher needed), in eval mode."""
+    from .models import load_weights_file, split_checkpoint
+
+    obj = load_weights_file(checkpoint)
+    state_dict, hp = split_checkpoint(obj, "student.")
+    if hp.get("distill_kind") != STUDENT_KIND:
+        raise ValueError(f"{str(checkpoint)!r} is not a student (step 2) checkpoint of this toolkit")
+    model = build_student(**hp["student"])
+    model.load_state_dict(state_dict)
+    return model.eval()

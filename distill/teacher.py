@@ -1,0 +1,140 @@
+"""Step 1: train the CNN teacher with cross-entropy."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from .metrics import accuracy_metrics
+from .models import TEACHER_KIND, build_teacher, model_meta
+from .optim import optimizer_config
+
+
+class TeacherModule(L.LightningModule):
+    """Trains a timm CNN with label-smoothed cross-entropy, AdamW and a warm-up + cosine schedule.
+
+    Fields left as None (`num_classes`, `in_chans`, `class_names`, `mean`, `std`, `img_size`) are taken
+    from the datamodule when training starts and then saved in the checkpoint, so the checkpoint alone
+    rebuilds the model (`distill.build_teacher(name, checkpoint=path)`).
+
+    Args:
+        model: timm model name, e.g. `cifar_resnet18`, `resnet50`, `regnety_160`.
+        num_classes: number of classes; None = the data's.
+        in_chans: input channels; None = the data's.
+        class_names: class names in label order; None = the data's.
+        mean: normalisation mean the teacher is trained with; None = the data's.
+        std: normalisation std; None = the data's.
+        img_size: input size; None = the data's.
+        model_kwargs: extra keyword arguments for `timm.create_model` (e.g. drop_rate).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norms and biases).
+        warmup_epochs: epochs of linear warm-up (fractions allowed).
+        min_lr_ratio: final learning rate as a fraction of `lr`.
+        label_smoothing: label smoothing of the cross-entropy.
+        channels_last: run the CNN in channels_last memory format (faster convolutions on GPU).
+    """
+
+    def __init__(
+        self,
+        model: str = "cifar_resnet18",
+        num_classes: int | None = None,
+        in_chans: int | None = None,
+        class_names: list[str] | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        img_size: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for key in ("_instantiator", "_class_path"):  # keep checkpoints loadable without jsonargparse
+            self._hparams.pop(key, None)
+        self.hparams["distill_kind"] = TEACHER_KIND
+        self.model: torch.nn.Module | None = None
+        self.metrics: dict[str, torch.nn.ModuleDict] = {}
+        if num_classes is not None:
+            self.configure_model()
+
+    # ------------------------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        hp = self.hparams
+        data = dict(num_classes=dm.num_classes, in_chans=dm.in_chans, class_names=list(dm.class_names),
+                    mean=list(dm.mean), std=list(dm.std), img_size=dm.img_size)
+        for key, value in data.items():
+            if hp.get(key) is None:
+                hp[key] = value
+        if hp.num_classes != dm.num_classes:
+            raise ValueError(f"model.num_classes={hp.num_classes} but the data has {dm.num_classes} classes; "
+                             f"remove model.num_classes or fix the data")
+        if hp.in_chans != dm.in_chans:
+            raise ValueError(f"model.in_chans={hp.in_chans} but the data has {dm.in_chans} channels")
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        if hp.num_classes is None:
+            raise ValueError("TeacherModule: num_classes is unknown; pass it or train with a datamodule")
+        self.model = build_teacher(
+            hp.model, hp.num_classes, hp.in_chans or 3, class_names=hp.class_names, mean=hp.mean,
+            std=hp.std, img_size=hp.img_size, **(hp.model_kwargs or {}),
+        )
+        if hp.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        names = ["acc", "acc_top5"]
+        self.val_metrics = accuracy_metrics(hp.num_classes, names)
+        self.test_metrics = accuracy_metrics(hp.num_classes, names)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return model_meta(self.model)
+
+    # ------------------------------------------------------------------------------------- steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, metrics) -> None:
+        x, y = batch
+        logits = self(x)
+        for m in metrics.values():
+            m.update(logits, y)
+
+    def _log_metrics(self, prefix: str, metrics) -> None:
+        for name, m in metrics.items():
+            self.log(f"{prefix}/{name}", m, prog_bar=name == "acc")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+        self._log_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return optimizer_config(self, self.model, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio)
