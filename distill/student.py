@@ -13,7 +13,7 @@ from torch import nn
 
 from .losses import DistillationLoss
 from .metrics import accuracy_metrics
-from .models import STUDENT_KIND, build_student, build_teacher, model_meta, sha256_of, student_heads
+from .models import STUDENT_KIND, build_student, build_teacher, model_meta, set_model_meta, sha256_of, student_heads
 from .optim import optimizer_config
 
 
@@ -199,6 +199,9 @@ class DistillModule(L.LightningModule):
         if self.student is None:  # fields left as None follow the data
             self._fill_student_config(num_classes=dm.num_classes, img_size=dm.img_size, in_chans=dm.in_chans)
         self._check_classes(dm)
+        # What predict/export/attention need to feed the student without the recipe.
+        self.hparams["data"] = dict(class_names=list(dm.class_names), mean=list(dm.mean), std=list(dm.std),
+                                    img_size=dm.img_size, in_chans=dm.in_chans)
         if self.teacher is not None:
             t = model_meta(self.teacher)
             self.teacher_input = TeacherInput(dm.mean, dm.std, t["mean"], t["std"], dm.in_chans, t["in_chans"], t["img_size"])
@@ -324,4 +327,9 @@ def load_student(checkpoint: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{str(checkpoint)!r} is not a student (step 2) checkpoint of this toolkit")
     model = build_student(**hp["student"])
     model.load_state_dict(state_dict)
+    data = hp.get("data") or {}
+    if data:
+        set_model_meta(model, num_classes=hp["student"]["num_classes"], in_chans=data["in_chans"],
+                       img_size=hp["student"]["img_size"], class_names=data.get("class_names"),
+                       mean=data.get("mean"), std=data.get("std"))
     return model.eval()
