@@ -139,7 +139,7 @@ def build_teacher(
     name: str,
     num_classes: int | None = None,
     in_chans: int = 3,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | dict | None = None,
     *,
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
@@ -155,7 +155,8 @@ def build_teacher(
     """
     state_dict, hp = None, {}
     if checkpoint is not None:
-        obj = load_weights_file(checkpoint)
+        obj = checkpoint if isinstance(checkpoint, dict) else load_weights_file(checkpoint)
+        checkpoint = "<in-memory checkpoint>" if isinstance(checkpoint, dict) else checkpoint
         state_dict, hp = split_checkpoint(obj, "model.")
         if hp.get("distill_kind") == STUDENT_KIND:
             raise ValueError(
@@ -167,8 +168,8 @@ def build_teacher(
             num_classes = hp.get("num_classes") or num_classes
             in_chans = hp.get("in_chans") or in_chans
             class_names = hp.get("class_names") or class_names
-            mean, std = hp.get("mean") or mean, hp.get("std") or std
-            img_size = hp.get("img_size") or img_size
+            mean, std = hp.get("input_mean") or mean, hp.get("input_std") or std
+            img_size = hp.get("input_size") or img_size
             timm_kwargs = {**(hp.get("model_kwargs") or {}), **timm_kwargs}
         elif num_classes is None:
             head = [v for k, v in state_dict.items() if k.endswith(("fc.weight", "head.weight", "classifier.weight"))]

@@ -11,9 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lineage import run_record
 from .losses import DistillationLoss
 from .metrics import accuracy_metrics
-from .models import STUDENT_KIND, build_student, build_teacher, model_meta, set_model_meta, sha256_of, student_heads
+from .models import (
+    STUDENT_KIND, build_student, build_teacher, load_weights_file, model_meta, set_model_meta, sha256_of, student_heads,
+)
 from .optim import optimizer_config
 
 
@@ -148,10 +151,13 @@ class DistillModule(L.LightningModule):
                     f"model.teacher: {str(path)!r} has sha256 {digest[:12]}... but this run was trained with "
                     f"{expected_sha256[:12]}...; the teacher file changed since, restore it or start a new run"
                 )
-            teacher = build_teacher("cifar_resnet18", checkpoint=path)
+            obj = load_weights_file(path)
+            teacher = build_teacher("cifar_resnet18", checkpoint=obj)
             self.hparams["teacher"] = str(path)
             self.hparams["teacher_sha256"] = digest
-            self.teacher_identity = dict(path=str(path), sha256=digest)
+            run = obj.get("distill_run") or {}
+            self.teacher_identity = dict(path=str(path), sha256=digest, run_id=run.get("wandb_id"),
+                                         run_dir=run.get("run_dir"), val_acc=(run.get("metrics") or {}).get("val/acc"))
         else:
             self.hparams["teacher"] = None
         meta = model_meta(teacher)
@@ -304,9 +310,15 @@ class DistillModule(L.LightningModule):
         return optimizer_config(self, self.student, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio)
 
     # ------------------------------------------------------------------------------ checkpoints
+    def on_fit_start(self) -> None:
+        # The teacher's lineage travels with the student run (W&B config, CSV hparams).
+        if self.teacher_identity and self.logger is not None:
+            self.logger.log_hyperparams({"teacher_lineage": dict(self.teacher_identity)})
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["distill_teacher"] = dict(self.teacher_identity)
+        checkpoint["distill_run"] = run_record(self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is not in the checkpoint: it was reloaded from its file in __init__. Hand its
@@ -319,7 +331,7 @@ class DistillModule(L.LightningModule):
 
 def load_student(checkpoint: str | os.PathLike) -> nn.Module:
     """The student network alone from a step-2 checkpoint (no teacher needed), in eval mode."""
-    from .models import load_weights_file, split_checkpoint
+    from .models import split_checkpoint
 
     obj = load_weights_file(checkpoint)
     state_dict, hp = split_checkpoint(obj, "student.")

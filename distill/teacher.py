@@ -7,6 +7,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .lineage import run_record
 from .metrics import accuracy_metrics
 from .models import TEACHER_KIND, build_teacher, model_meta
 from .optim import optimizer_config
@@ -15,7 +16,7 @@ from .optim import optimizer_config
 class TeacherModule(L.LightningModule):
     """Trains a timm CNN with label-smoothed cross-entropy, AdamW and a warm-up + cosine schedule.
 
-    Fields left as None (`num_classes`, `in_chans`, `class_names`, `mean`, `std`, `img_size`) are taken
+    Fields left as None (`num_classes`, `in_chans`, `class_names`, `input_*`) are taken
     from the datamodule when training starts and then saved in the checkpoint, so the checkpoint alone
     rebuilds the model (`distill.build_teacher(name, checkpoint=path)`).
 
@@ -24,9 +25,9 @@ class TeacherModule(L.LightningModule):
         num_classes: number of classes; None = the data's.
         in_chans: input channels; None = the data's.
         class_names: class names in label order; None = the data's.
-        mean: normalisation mean the teacher is trained with; None = the data's.
-        std: normalisation std; None = the data's.
-        img_size: input size; None = the data's.
+        input_mean: normalisation mean the teacher is trained with; None = the data's.
+        input_std: normalisation std; None = the data's.
+        input_size: input side in pixels; None = the data's.
         model_kwargs: extra keyword arguments for `timm.create_model` (e.g. drop_rate).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not applied to norms and biases).
@@ -42,9 +43,9 @@ class TeacherModule(L.LightningModule):
         num_classes: int | None = None,
         in_chans: int | None = None,
         class_names: list[str] | None = None,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        img_size: int | None = None,
+        input_mean: list[float] | None = None,
+        input_std: list[float] | None = None,
+        input_size: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
         lr: float = 2e-3,
         weight_decay: float = 0.05,
@@ -70,7 +71,7 @@ class TeacherModule(L.LightningModule):
             return
         hp = self.hparams
         data = dict(num_classes=dm.num_classes, in_chans=dm.in_chans, class_names=list(dm.class_names),
-                    mean=list(dm.mean), std=list(dm.std), img_size=dm.img_size)
+                    input_mean=list(dm.mean), input_std=list(dm.std), input_size=dm.img_size)
         for key, value in data.items():
             if hp.get(key) is None:
                 hp[key] = value
@@ -87,8 +88,8 @@ class TeacherModule(L.LightningModule):
         if hp.num_classes is None:
             raise ValueError("TeacherModule: num_classes is unknown; pass it or train with a datamodule")
         self.model = build_teacher(
-            hp.model, hp.num_classes, hp.in_chans or 3, class_names=hp.class_names, mean=hp.mean,
-            std=hp.std, img_size=hp.img_size, **(hp.model_kwargs or {}),
+            hp.model, hp.num_classes, hp.in_chans or 3, class_names=hp.class_names, mean=hp.input_mean,
+            std=hp.input_std, img_size=hp.input_size, **(hp.model_kwargs or {}),
         )
         if hp.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -134,6 +135,9 @@ class TeacherModule(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).softmax(-1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["distill_run"] = run_record(self._trainer)
 
     def configure_optimizers(self):
         hp = self.hparams

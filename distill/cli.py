@@ -1,0 +1,190 @@
+"""The `distill` command.
+
+    distill fit|validate|test|predict --config RECIPE.yaml [--dotted.overrides ...]   (LightningCLI)
+    distill pipeline RECIPE_DIR [--out DIR] [--teacher_ckpt PATH] [--dotted.overrides ...]
+    distill export CKPT --format safetensors|onnx --head cls|dist|fused --out FILE
+    distill attention CKPT IMAGE_OR_FOLDER... --out DIR
+    distill predict CKPT IMAGE_OR_FOLDER... [--teacher CKPT] [--topk K] [--format table|json|csv]
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+
+from .data import ImageDataModule
+from .lineage import RunSummary
+
+log = logging.getLogger("distill")
+
+
+@dataclass
+class WandbOptions:
+    """Weights & Biases tracking, used when `logger: wandb`.
+
+    Args:
+        project: W&B project.
+        name: run name; None = W&B's own.
+        tags: run tags.
+        entity: W&B entity (user or team); None = the default one.
+        group: run group, e.g. one per pipeline.
+        mode: online | offline | disabled; None = WANDB_MODE, else online with credentials and
+            offline without (a run never fails or hangs for want of credentials or network).
+    """
+
+    project: str = "distill"
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    entity: str | None = None
+    group: str | None = None
+    mode: Literal["online", "offline", "disabled"] | None = None
+
+
+def _wandb_mode(requested: str | None) -> str:
+    if requested:
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:  # a stored login (wandb login) counts as credentials
+        import netrc
+
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except Exception:  # noqa: BLE001 - no or unreadable ~/.netrc
+        pass
+    log.warning("W&B: no credentials found (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync` uploads later")
+    return "offline"
+
+
+class RecipeConfigCallback(SaveConfigCallback):
+    """Writes the resolved recipe to the run folder (config.yaml) and logs it to every logger."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        recipe = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"recipe": recipe})
+
+
+class DistillCLI(LightningCLI):
+    """LightningCLI with the toolkit's defaults: a CSV log and checkpoints (best and last) in the run
+    folder (`trainer.default_root_dir`), optional W&B tracking, a summary after each step."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+        super().__init__(
+            model_class=L.LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=ImageDataModule,
+            save_config_callback=RecipeConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"default_root_dir": "runs/default", "log_every_n_steps": 10},
+            parser_kwargs={"default_env": False},
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--logger", type=Literal["csv", "wandb"], default="csv",
+                            help="csv: a CSV log in the run folder; wandb: W&B as well (see --wandb.*)")
+        parser.add_class_arguments(WandbOptions, "wandb", instantiate=False)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1, "checkpoint.filename": "best-epoch{epoch:03d}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = config["trainer"]
+        root = Path(trainer_cfg.get("default_root_dir") or "runs/default")
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = self._loggers(config, root)
+        callbacks = [RunSummary()]
+        if kwargs.get("logger") or trainer_cfg.get("logger"):
+            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.extend(callbacks)
+        return trainer
+
+    def _loggers(self, config, root: Path) -> list:
+        # CSV first: trainer.log_dir (checkpoints, config.yaml, attention maps) is then the run folder itself.
+        loggers: list = [CSVLogger(save_dir=str(root), name="", version="")]
+        if config.get("logger") == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            opts = config["wandb"]
+            opts = opts if isinstance(opts, dict) else vars(opts)
+            resume_id = self._resume_wandb_id(config, root)
+            loggers.append(WandbLogger(
+                project=opts.get("project"), name=opts.get("name"), tags=list(opts.get("tags") or []),
+                entity=opts.get("entity"), group=opts.get("group"), save_dir=str(root),
+                mode=_wandb_mode(opts.get("mode")), id=resume_id, resume="allow" if resume_id else None,
+            ))
+        return loggers
+
+    def _resume_wandb_id(self, config, root: Path) -> str | None:
+        """The W&B run id stored in the checkpoint being resumed, so the same run continues."""
+        ckpt = config.get("ckpt_path")
+        if not ckpt:
+            return None
+        path = root / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
+        if not path.is_file():
+            return None
+        from .models import load_weights_file
+
+        return (load_weights_file(path).get("distill_run") or {}).get("wandb_id")
+
+
+TOOLS = {
+    "pipeline": "distill.pipeline",
+    "export": "distill.export",
+    "attention": "distill.attention_cli",
+}
+
+
+def _dispatch(argv: list[str]) -> int | None:
+    """Runs the toolkit's own subcommands; None when argv is a LightningCLI one."""
+    if not argv:
+        return None
+    cmd = argv[0]
+    if cmd == "predict" and len(argv) > 1 and not argv[1].startswith("-"):
+        cmd_module = "distill.predict"  # `distill predict CKPT IMAGES...`; `distill predict --config` is Lightning's
+    elif cmd in TOOLS:
+        cmd_module = TOOLS[cmd]
+    else:
+        return None
+    import importlib
+
+    return int(importlib.import_module(cmd_module).main(argv[1:]) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .errors import run_guarded
+
+    def run() -> int:
+        code = _dispatch(argv)
+        if code is None:
+            DistillCLI(args=argv)
+            code = 0
+        return code
+
+    return run_guarded(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
