@@ -76,6 +76,11 @@ class RecipeConfigCallback(SaveConfigCallback):
             logger.log_hyperparams({"recipe": recipe})
 
 
+class _Parsed(Exception):
+    def __init__(self, config) -> None:
+        self.config = config
+
+
 class DistillCLI(LightningCLI):
     """LightningCLI with the toolkit's defaults: a CSV log and checkpoints (best and last) in the run
     folder (`trainer.default_root_dir`), optional W&B tracking, a summary after each step."""
@@ -95,6 +100,21 @@ class DistillCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    @classmethod
+    def parse_recipe(cls, args: list[str]):
+        """The validated, resolved configuration of a recipe (with overrides), without building anything."""
+        cli = cls.__new__(cls)
+        cli._parse_only = True
+        try:
+            cli.__init__(args=args, run=False)
+        except _Parsed as parsed:
+            return parsed.config
+        raise AssertionError("unreachable")
+
+    def before_instantiate_classes(self) -> None:
+        if getattr(self, "_parse_only", False):
+            raise _Parsed(self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--logger", type=Literal["csv", "wandb"], default="csv",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import lightning as L
 import torch
@@ -18,6 +18,7 @@ from .models import (
     STUDENT_KIND, build_student, build_teacher, load_weights_file, model_meta, set_model_meta, sha256_of, student_heads,
 )
 from .optim import optimizer_config
+from .teacher_cache import CachedTeacher, TeacherCacheConfig, as_config as _cache_config
 
 
 @dataclass
@@ -95,6 +96,19 @@ class DistillModule(L.LightningModule):
             `val/acc_ema`; None = off.
         teacher_sha256: expected sha256 of the teacher file (filled in automatically; a mismatch when
             loading or resuming is an error).
+        teacher_model: timm architecture of a teacher given as a plain state_dict or safetensors file
+            (e.g. `regnety_160`); checkpoints of this toolkit record their own.
+        teacher_dtype: dtype the frozen teacher's weights and inputs are kept in during training
+            (`float32`, `bfloat16`, `float16`); None = `bfloat16` under `precision: bf16-mixed`
+            (saves autocast's per-step weight casts), float32 otherwise.
+        teacher_channels_last: run the teacher CNN in channels_last memory format (faster convolutions
+            on GPU tensor cores).
+        compile_student: `torch.compile` the student's training forward (in place: checkpoint keys
+            unchanged). Shapes stay fixed with `data.drop_last`, so it compiles once.
+        compile_teacher: `torch.compile` the teacher (separately from the student).
+        teacher_cache: opt-in teacher-output cache (`distill.teacher_cache.TeacherCacheConfig`, or just
+            its directory): the teacher runs once per sample view, training reads its stored outputs.
+            Needs `data.keyed_views: true`; refused when its teacher, data or transforms differ.
     """
 
     def __init__(
@@ -108,9 +122,15 @@ class DistillModule(L.LightningModule):
         min_lr_ratio: float = 0.01,
         ema_decay: float | None = None,
         teacher_sha256: str | None = None,
+        teacher_model: str | None = None,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        teacher_channels_last: bool = False,
+        compile_student: bool = False,
+        compile_teacher: bool = False,
+        teacher_cache: Union[TeacherCacheConfig, str, None] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher", "loss"])
+        self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache"])
         for key in ("_instantiator", "_class_path"):  # keep checkpoints loadable without jsonargparse
             self._hparams.pop(key, None)
         self.hparams["distill_kind"] = STUDENT_KIND
@@ -119,8 +139,13 @@ class DistillModule(L.LightningModule):
             loss = DistillationLoss(**loss)
         self.loss = loss if loss is not None else DistillationLoss()
         self.hparams["loss"] = self.loss.config()
+        self.teacher_cache_config = _cache_config(teacher_cache)
+        self.hparams["teacher_cache"] = asdict(self.teacher_cache_config) if self.teacher_cache_config else None
+        self._cached_teacher: CachedTeacher | None = None
+        self._teacher_cast: torch.dtype | None = None
+        self._speed_applied = False
 
-        self.teacher = self._load_teacher(teacher, teacher_sha256)
+        self.teacher = self._load_teacher(teacher, teacher_sha256, teacher_model)
         self.teacher_input: nn.Module = nn.Identity()
 
         if isinstance(student, dict):
@@ -136,7 +161,7 @@ class DistillModule(L.LightningModule):
             self.configure_model()
 
     # ------------------------------------------------------------------------------ the teacher
-    def _load_teacher(self, teacher, expected_sha256: str | None) -> nn.Module | None:
+    def _load_teacher(self, teacher, expected_sha256: str | None, arch: str | None) -> nn.Module | None:
         self.teacher_identity: dict[str, Any] = {}
         if teacher is None:
             self.hparams["teacher"] = None
@@ -152,7 +177,10 @@ class DistillModule(L.LightningModule):
                     f"{expected_sha256[:12]}...; the teacher file changed since, restore it or start a new run"
                 )
             obj = load_weights_file(path)
-            teacher = build_teacher("cifar_resnet18", checkpoint=obj)
+            if arch is None and not (obj.get("hyper_parameters") or {}).get("model"):
+                raise ValueError(f"model.teacher: {str(path)!r} is a plain state_dict; name its architecture with "
+                                 f"model.teacher_model (e.g. regnety_160)")
+            teacher = build_teacher(arch or obj["hyper_parameters"]["model"], checkpoint=obj)
             self.hparams["teacher"] = str(path)
             self.hparams["teacher_sha256"] = digest
             run = obj.get("distill_run") or {}
@@ -184,7 +212,38 @@ class DistillModule(L.LightningModule):
 
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(self.teacher_input(x))
+        x = self.teacher_input(x)
+        if self._teacher_cast is not None:
+            x = x.to(self._teacher_cast)
+        if self.hparams.teacher_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.teacher(x)
+
+    def _apply_speed_options(self) -> None:
+        """teacher_dtype, teacher_channels_last and compile_*, once, when fitting starts (the precision
+        is known and the models are on their device). The teacher's weights are fingerprinted first
+        when a cache is on, so the cache identifies the teacher whatever dtype it runs in."""
+        if self._speed_applied:
+            return
+        self._speed_applied = True
+        hp = self.hparams
+        if self.teacher is not None:
+            if self.teacher_cache_config is not None and "weights_sha256" not in self.teacher_identity:
+                from .teacher_cache import weights_sha256
+
+                self.teacher_identity["weights_sha256"] = weights_sha256(self.teacher)
+            name = hp.teacher_dtype
+            if name is None and self._trainer is not None and str(self.trainer.precision) == "bf16-mixed":
+                name = "bfloat16"
+            self._teacher_cast = getattr(torch, name) if name and name != "float32" else None
+            if self._teacher_cast is not None:
+                self.teacher.to(dtype=self._teacher_cast)
+            if hp.teacher_channels_last:
+                self.teacher.to(memory_format=torch.channels_last)
+            if hp.compile_teacher:
+                self.teacher.compile()
+        if hp.compile_student and self.student is not None:
+            self.student.compile()
 
     # ---------------------------------------------------------------------------------- set-up
     def _fill_student_config(self, **values) -> None:
@@ -254,8 +313,11 @@ class DistillModule(L.LightningModule):
         return self.student(x)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        z_t = self.teacher_logits(x) if self.loss.needs_teacher else None
+        x, y = batch[0], batch[1]  # (x, y) or (x, y, keys) with data.keyed_views
+        if self._cached_teacher is not None and self.loss.needs_teacher:
+            z_t = self._cached_teacher(self, batch)
+        else:
+            z_t = self.teacher_logits(x) if self.loss.needs_teacher else None
         terms = self.loss(self.student(x), z_t, y)
         if not torch.isfinite(terms.total):
             raise FloatingPointError(
@@ -311,6 +373,12 @@ class DistillModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_fit_start(self) -> None:
+        self._apply_speed_options()
+        if self.teacher_cache_config is not None and self.loss.needs_teacher and self._cached_teacher is None:
+            from .teacher_cache import open_for_module
+
+            self._cached_teacher = CachedTeacher(open_for_module(self), self.teacher_cache_config.verify_batches,
+                                                 str(self.trainer.precision))
         # The teacher's lineage travels with the student run (W&B config, CSV hparams).
         if self.teacher_identity and self.logger is not None:
             self.logger.log_hyperparams({"teacher_lineage": dict(self.teacher_identity)})
@@ -323,6 +391,14 @@ class DistillModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is not in the checkpoint: it was reloaded from its file in __init__. Hand its
         # current weights back so the strict state_dict load still checks every student key.
+        # Resuming (`trainer.fit(ckpt_path=...)`) builds the module from the recipe, without the recorded
+        # teacher_sha256: compare the file's digest with the checkpoint's here.
+        saved, current = (checkpoint.get("distill_teacher") or {}).get("sha256"), self.teacher_identity.get("sha256")
+        if saved and current and saved != current:
+            raise ValueError(
+                f"model.teacher: {self.teacher_identity.get('path')!r} has sha256 {current[:12]}... but the checkpoint "
+                f"was trained with {saved[:12]}...; the teacher file changed since, restore it or start a new run"
+            )
         if self.teacher is not None:
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.student is None:  # a checkpoint of a module whose student is built lazily

@@ -1,0 +1,175 @@
+"""The `distill` command end to end on digits with tiny overrides: pipeline, recipes, W&B offline,
+resume from `last`, export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.cli import DistillCLI, main
+from distill.pipeline import run_pipeline, split_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+TINY = [
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--teacher.model.init_args.model", "cifar_resnet10",
+    "--student.model.init_args.student.depth", "1", "--student.model.init_args.student.embed_dim", "32",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    summary = run_pipeline("recipes/digits" if Path("recipes/digits").is_dir() else str(REPO / "recipes/digits"),
+                           str(out), TINY)
+    return out, summary
+
+
+def test_pipeline_runs_both_steps_and_writes_summary(pipeline_run):
+    out, summary = pipeline_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["teacher"]["checkpoint"] == summary["teacher"]["checkpoint"]
+    for key in ("val/acc", "val/acc_cls", "val/acc_dist", "val/acc_teacher", "val/agreement"):
+        assert 0.0 <= on_disk["student"][key] <= 1.0, key
+    assert 0.0 <= on_disk["teacher"]["val/acc"] <= 1.0
+    assert on_disk["seconds"] > 0
+    # step 2 used step 1's best checkpoint
+    ckpt = torch.load(on_disk["student"]["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["teacher"] == str(Path(on_disk["teacher"]["checkpoint"]).resolve())
+    assert (out / "teacher" / "metrics.csv").is_file() and (out / "student" / "metrics.csv").is_file()
+    assert (out / "student" / "config.yaml").is_file()
+
+
+def test_student_checkpoints_hold_no_teacher_weights(pipeline_run):
+    out, _ = pipeline_run
+    ckpts = sorted((out / "student" / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in ckpts} >= {"last.ckpt"} and len(ckpts) == 2  # best and last
+    for p in ckpts:
+        sd = torch.load(p, map_location="cpu", weights_only=True)["state_dict"]
+        assert not [k for k in sd if k.startswith("teacher.")]
+        assert any(k.startswith("student.") for k in sd)
+
+
+def test_step_overrides_go_to_one_step_only():
+    steps = split_overrides(["--trainer.max_epochs", "3", "--teacher.model.init_args.lr=0.1", "--student.x", "y"])
+    assert steps["teacher"] == ["--trainer.max_epochs", "3", "--model.init_args.lr", "0.1"]
+    assert steps["student"] == ["--trainer.max_epochs", "3", "--x", "y"]
+    with pytest.raises(ValueError, match="has no value"):
+        split_overrides(["--trainer.max_epochs"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_parses(recipe):
+    config = DistillCLI.parse_recipe(["--config", str(recipe)])
+    assert config.model.class_path in ("distill.TeacherModule", "distill.DistillModule")
+    assert config.trainer.max_epochs > 0
+
+
+def test_imagenet_recipes_have_deit_settings():
+    for name in ("student.yaml", "student_small.yaml", "student_base.yaml"):
+        c = DistillCLI.parse_recipe(["--config", str(REPO / "recipes/imagenet" / name)])
+        m, d = c.model.init_args, c.data
+        global_batch = d.batch_size * c.trainer.devices
+        assert c.trainer.max_epochs == 300 and m.warmup_epochs == 5
+        assert m.lr == pytest.approx(5e-4 * global_batch / 512)
+        assert m.weight_decay == 0.05 and m.student.drop_path_rate == 0.1
+        assert d.auto_augment == "rand-m9-mstd0.5-inc1" and d.mixup == 0.8 and d.cutmix == 1.0 and d.re_prob == 0.25
+        assert m.loss.init_args.mode == "hard" and m.loss.init_args.alpha == 0.5
+        assert m.loss.init_args.label_smoothing == 0.1
+    names = {DistillCLI.parse_recipe(["--config", str(REPO / "recipes/imagenet" / n)]).model.init_args.student.name
+             for n in ("student.yaml", "student_small.yaml", "student_base.yaml")}
+    assert names == {f"deit_{s}_distilled_patch16_224" for s in ("tiny", "small", "base")}
+
+
+def test_unknown_recipe_key_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "recipes/digits/teacher.yaml"), "--model.init_args.lrr", "0.1"])
+    assert e.value.code != 0
+    assert "lrr" in capsys.readouterr().err
+
+
+def test_wandb_offline_writes_a_run_with_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    root = tmp_path / "run"
+    code = main(["fit", "--config", str(REPO / "recipes/digits/teacher.yaml"), *TINY[:10],
+                 "--model.init_args.model", "cifar_resnet10", "--trainer.default_root_dir", str(root),
+                 "--trainer.log_every_n_steps", "1", "--logger", "wandb", "--wandb.project", "distill-test", "--wandb.tags", "[digits, test]"])
+    assert code == 0
+    runs = list((root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = list(runs[0].rglob("*.wandb"))
+    assert files and files[0].stat().st_size > 0
+    blob = files[0].read_bytes()
+    assert b"val/acc" in blob and b"train/loss" in blob and b"recipe" in blob
+    assert (root / "metrics.csv").is_file()  # the CSV log is kept beside W&B
+
+
+def test_resume_from_last_continues_training(tmp_path):
+    root = tmp_path / "run"
+    base = ["fit", "--config", str(REPO / "recipes/digits/teacher.yaml"), "--model.init_args.model", "cifar_resnet10",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]
+    assert main([*base, "--trainer.max_epochs", "1"]) == 0
+    last = root / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=True)
+    assert first["global_step"] == 2
+    assert main([*base, "--trainer.max_epochs", "2", "--ckpt_path", "last"]) == 0
+    second = torch.load(last, map_location="cpu", weights_only=True)
+    assert second["global_step"] == 4 and second["epoch"] == 1
+    assert second["optimizer_states"][0]["state"]  # optimizer state restored and carried on
+    assert second["lr_schedulers"][0]["last_epoch"] == 4
+
+
+@pytest.mark.parametrize("head", ["cls", "dist", "fused"])
+def test_export_safetensors_reloads_in_timm_with_equal_outputs(pipeline_run, tmp_path, head):
+    import timm
+    from safetensors.torch import load_file, safe_open
+
+    from distill import load_student, student_heads
+
+    out, summary = pipeline_run
+    ckpt = summary["student"]["checkpoint"]
+    file = tmp_path / f"student-{head}.safetensors"
+    assert main(["export", ckpt, "--format", "safetensors", "--head", head, "--out", str(file)]) == 0
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    model = timm.create_model(meta["timm_model"], **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(load_file(str(file)))
+    model.eval()
+    original = load_student(ckpt)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        z_cls, z_dist = student_heads(original, x)
+        expected = {"cls": z_cls, "dist": z_dist, "fused": (z_cls + z_dist) / 2}[head]
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_export_onnx_runs_in_onnxruntime_with_equal_outputs(pipeline_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from distill import load_student
+
+    out, summary = pipeline_run
+    ckpt = summary["student"]["checkpoint"]
+    file = tmp_path / "student.onnx"
+    assert main(["export", ckpt, "--format", "onnx", "--head", "fused", "--out", str(file)]) == 0
+    x = torch.randn(3, 1, 8, 8)
+    got = ort.InferenceSession(str(file)).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        expected = load_student(ckpt)(x).numpy()
+    assert abs(got - expected).max() < 1e-4
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).with_name("distill")
+    res = subprocess.run([str(exe), "fit", "--help"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0 and "--config" in res.stdout and "--data.source" in res.stdout
