@@ -1,0 +1,97 @@
+"""tools/plot_run.py: curves of a run from its CSV logs."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def plot_run():
+    spec = importlib.util.spec_from_file_location("plot_run", ROOT / "tools" / "plot_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_log(folder: Path, student: bool, epochs: int = 4, steps_per_epoch: int = 3) -> Path:
+    """A metrics.csv as Lightning's CSVLogger writes it: training terms per step, validation per epoch."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(folder, name="lightning_logs")
+    step = 0
+    for e in range(epochs):
+        for s in range(steps_per_epoch):
+            loss = 2.0 * math.exp(-0.4 * (e + s / steps_per_epoch))
+            m = {"train/loss": loss, "epoch": e}
+            if student:
+                m.update({"train/loss_ce": 0.6 * loss, "train/loss_distill": 0.4 * loss})
+            logger.log_metrics(m, step=step)
+            step += 1
+        acc = 1 - 0.8 * math.exp(-0.7 * e)
+        v = {"val/acc": acc, "val/acc_top5": 1.0, "epoch": e}
+        if student:
+            v.update({"val/acc_cls": acc - 0.02, "val/acc_dist": acc + 0.01, "val/acc_teacher": 0.97,
+                      "val/agreement": acc - 0.05})
+        logger.log_metrics(v, step=step - 1)
+    logger.save()
+    return Path(logger.log_dir) / "metrics.csv"
+
+
+def assert_png(path: Path, size_px: tuple[int, int]) -> None:
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == size_px
+        pixels = np.asarray(im.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20, "blank figure"
+
+
+def test_pipeline_run_folder(plot_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    write_log(run / "teacher", student=False)
+    write_log(run / "student", student=True)
+    assert plot_run.main([str(run), "--dpi", "50"]) == 0
+    out = run / "curves.png"
+    assert capsys.readouterr().out.strip() == str(out)
+    # two runs (teacher, student) -> two rows of ROW_W x ROW_H inches
+    assert_png(out, (round(plot_run.ROW_W * 50), round(2 * plot_run.ROW_H * 50)))
+
+
+def test_curves_are_per_epoch_means(plot_run, tmp_path):
+    log = write_log(tmp_path, student=True, epochs=3, steps_per_epoch=3)
+    curves = plot_run.read_curves(log)
+    assert set(curves) == {"train/loss", "train/loss_ce", "train/loss_distill", "val/acc", "val/acc_cls",
+                           "val/acc_dist", "val/acc_teacher", "val/agreement"}
+    epochs, losses = curves["train/loss"]
+    assert epochs == [0, 1, 2]
+    expected = [np.mean([2.0 * math.exp(-0.4 * (e + s / 3)) for s in range(3)]) for e in range(3)]
+    np.testing.assert_allclose(losses, expected, rtol=1e-6)
+    np.testing.assert_allclose(curves["val/acc"][1], [1 - 0.8 * math.exp(-0.7 * e) for e in range(3)], rtol=1e-6)
+
+
+def test_epoch_column_preferred_and_out_option(plot_run, tmp_path):
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,train/loss_step,train/loss_epoch,val/acc\n"
+                   "0,0,9.0,,\n0,1,9.0,,\n0,1,,1.5,0.5\n1,3,9.0,,\n1,3,,1.0,0.75\n")
+    assert plot_run.read_curves(log)["train/loss"] == ([0, 1], [1.5, 1.0])
+    out = tmp_path / "figs" / "single.png"
+    assert plot_run.main([str(log), "--out", str(out), "--dpi", "40"]) == 0
+    assert_png(out, (round(plot_run.ROW_W * 40), round(plot_run.ROW_H * 40)))
+
+
+@pytest.mark.parametrize("case", ["missing", "no_csv", "unknown_columns"])
+def test_errors(plot_run, tmp_path, capsys, case):
+    run = tmp_path / "run"
+    if case != "missing":
+        run.mkdir()
+    if case == "unknown_columns":
+        (run / "metrics.csv").write_text("epoch,step,other\n0,0,1.0\n")
+    assert plot_run.main([str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("plot_run.py: error:"), err
+    assert not (run / "curves.png").exists()
