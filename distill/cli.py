@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,8 @@ from .data import ImageDataModule
 from .lineage import RunSummary
 
 log = logging.getLogger("distill")
+# `distill pipeline` runs LightningCLI in-process with args of its own, which is what this warns about.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
 @dataclass
@@ -93,7 +96,7 @@ class DistillCLI(LightningCLI):
             save_config_callback=RecipeConfigCallback,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"default_root_dir": "runs/default", "log_every_n_steps": 10},
-            parser_kwargs={"default_env": False},
+            parser_kwargs={"default_env": False, "exit_on_error": False},
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
             args=args,
@@ -181,7 +184,7 @@ def _dispatch(argv: list[str]) -> int | None:
     if not argv:
         return None
     cmd = argv[0]
-    if cmd == "predict" and len(argv) > 1 and not argv[1].startswith("-"):
+    if cmd == "predict" and not {"-c", "--config"} & {a.split("=")[0] for a in argv[1:]}:
         cmd_module = "distill.predict"  # `distill predict CKPT IMAGES...`; `distill predict --config` is Lightning's
     elif cmd in TOOLS:
         cmd_module = TOOLS[cmd]
@@ -193,13 +196,14 @@ def _dispatch(argv: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     from .errors import run_guarded
 
+    args = list(sys.argv[1:] if argv is None else argv)
+
     def run() -> int:
-        code = _dispatch(argv)
+        code = _dispatch(args)
         if code is None:
-            DistillCLI(args=argv)
+            DistillCLI(args=argv)  # None: LightningCLI reads sys.argv itself
             code = 0
         return code
 
