@@ -18,11 +18,12 @@ from typing import Any, Literal
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from .data import ImageDataModule
+from .fault_tolerance import AtomicCheckpointIO, BestAndLastCheckpoint, NonFiniteLossGuard, ResumeState
 from .lineage import RunSummary
 
 log = logging.getLogger("distill")
@@ -123,7 +124,7 @@ class DistillCLI(LightningCLI):
         parser.add_argument("--logger", type=Literal["csv", "wandb"], default="csv",
                             help="csv: a CSV log in the run folder; wandb: W&B as well (see --wandb.*)")
         parser.add_class_arguments(WandbOptions, "wandb", instantiate=False)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
             "checkpoint.save_top_k": 1, "checkpoint.filename": "best-epoch{epoch:03d}",
@@ -136,11 +137,14 @@ class DistillCLI(LightningCLI):
         root = Path(trainer_cfg.get("default_root_dir") or "runs/default")
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self._loggers(config, root)
-        callbacks = [RunSummary()]
+        if not trainer_cfg.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        callbacks = [ResumeState(), NonFiniteLossGuard(), RunSummary()]
         if kwargs.get("logger") or trainer_cfg.get("logger"):
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.extend(callbacks)
+        # In front: the guard must run before ModelCheckpoint, which Lightning keeps last.
+        trainer.callbacks[0:0] = callbacks
         return trainer
 
     def _loggers(self, config, root: Path) -> list:
