@@ -26,10 +26,46 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
+    os.environ["WANDB_MODE"] = "offline"  # never reach the network from tests
     out = tmp_path_factory.mktemp("pipeline")
-    summary = run_pipeline("recipes/digits" if Path("recipes/digits").is_dir() else str(REPO / "recipes/digits"),
-                           str(out), TINY)
+    summary = run_pipeline(str(REPO / "recipes/digits"), str(out),
+                           [*TINY, "--logger", "wandb", "--wandb.project", "distill-test", "--trainer.log_every_n_steps", "1"])
     return out, summary
+
+
+def test_pipeline_tracks_both_steps_in_wandb_with_teacher_lineage(pipeline_run):
+    out, summary = pipeline_run
+    teacher_runs = list((out / "teacher" / "wandb").glob("offline-run-*"))
+    student_runs = list((out / "student" / "wandb").glob("offline-run-*"))
+    assert len(teacher_runs) == 1 and len(student_runs) == 1
+    teacher_id = teacher_runs[0].name.rsplit("-", 1)[-1]
+    blob = next(student_runs[0].glob("*.wandb")).read_bytes()
+    for needle in (b"teacher_lineage", b"train/loss_distill", b"val/acc_dist", b"val/agreement", teacher_id.encode()):
+        assert needle in blob, needle
+    sha = torch.load(summary["student"]["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]["teacher_sha256"]
+    assert sha.encode() in blob
+
+
+@pytest.mark.parametrize("mode,size,classes", [("RGB", 12, 3), ("L", 20, 2)])
+def test_pipeline_trains_on_any_image_folder(tmp_path, mode, size, classes):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = tmp_path / "data" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(24 if split == "train" else 6):
+                shape = (size, size, 3) if mode == "RGB" else (size, size)
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+    summary = run_pipeline(str(REPO / "recipes/digits"), str(tmp_path / "out"),
+                           [*TINY, "--data.source", "imagefolder", "--data.root", str(tmp_path / "data"),
+                            "--data.batch_size", "8"])
+    assert 0.0 <= summary["student"]["val/acc"] <= 1.0
+    ckpt = torch.load(summary["student"]["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["data"]["class_names"] == [f"class{c}" for c in range(classes)]
+    assert ckpt["hyper_parameters"]["student"]["in_chans"] == (3 if mode == "RGB" else 1)
 
 
 def test_pipeline_runs_both_steps_and_writes_summary(pipeline_run):
