@@ -129,8 +129,11 @@ def write_plot(results: dict, path: Path) -> None:
         ax.legend(loc="lower right")
     low = min(100 * (r["mean"] - r["std"]) for r in rows)
     ax.set_ylim(max(0, low - 5), 100)
-    ax.set_xticks(list(xs), [r["row"].replace(": ", ":\n").replace(", no token", "\nno token") for r in rows],
-                  fontsize=7)
+    short = {"none": "no\ndistillation", "soft": "soft (tau 3)\nno token", "hard": "hard\nno token"}
+    labels = [short.get(r["variant"], "token:\n" + r["row"].split(": ")[1]) for r in rows]
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    for x, r in zip(xs, rows):
+        ax.text(x, 100 * (r["mean"] + r["std"]) + 0.3, f"{100 * r['mean']:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("val top-1 (%)")
     ax.set_title(f"DeiT distillation ablation, {Path(results['recipe']).name} ({results['hardware'].split(' (')[0]})")
     fig.tight_layout()
