@@ -139,6 +139,15 @@ class ImageDataModule(L.LightningDataModule):
         num_samples: size of the synthetic dataset.
         num_classes_synthetic: classes of the synthetic dataset.
         in_chans_synthetic: channels of the synthetic dataset.
+        keyed_views: training batches are `(x, y, keys)`: every sample's augmentation is drawn from
+            an RNG seeded by (`seed`, view, index), so a view replays bit-identically, and `keys` (a
+            host-side int64 array of (index, view) rows) names it; needed by `model.teacher_cache`.
+        view_epochs: with keyed_views, epoch `e` trains on view `e % view_epochs` (the number of
+            views a teacher cache holds); None = a new view every epoch.
+        on_device: keep the decoded images as one uint8 tensor on the training device and crop,
+            flip, erase and normalise batches there (`distill.device_data`): for CIFAR-size data,
+            where the host pipeline is the bottleneck. Supports crop pad/none, hflip, re_prob,
+            mixup/cutmix; not rrc or auto_augment. num_workers is then only used to decode once.
     """
 
     def __init__(
@@ -168,6 +177,9 @@ class ImageDataModule(L.LightningDataModule):
         num_samples: int = 512,
         num_classes_synthetic: int = 10,
         in_chans_synthetic: int = 3,
+        keyed_views: bool = False,
+        view_epochs: int | None = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         if source not in ("digits", "imagefolder", "cifar10", "cifar100", "synthetic"):
@@ -365,12 +377,28 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.on_device:
+            from .device_data import device_loader
+
+            return device_loader(self, "train")
+        if self.hparams.keyed_views:
+            from .teacher_cache import keyed_train_loader
+
+            return keyed_train_loader(self)
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.hparams.on_device:
+            from .device_data import device_loader
+
+            return device_loader(self, "val")
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.hparams.on_device:
+            from .device_data import device_loader
+
+            return device_loader(self, "test")
         return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
@@ -380,8 +408,8 @@ class ImageDataModule(L.LightningDataModule):
         # Mix on the device, once per batch, before the module sees it: teacher and student get the same
         # mixed images, and the targets become soft (B, C) probabilities.
         if self.mixup_fn is not None and self.trainer is not None and self.trainer.training:
-            x, y = batch
+            x, y, *keys = batch  # keys: (x, y, keys) batches of keyed_views
             if x.shape[0] % 2 == 0:
                 x, y = self.mixup_fn(x, y)
-            return x, y
+            return (x, y, *keys)
         return batch

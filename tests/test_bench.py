@@ -1,0 +1,46 @@
+"""tools/bench.py runs on a CPU with a tiny model in seconds and writes its figures as JSON."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("distill_bench", ROOT / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_bench_writes_json(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--rounds", "1", "--threads", "1",
+                         "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["ratio"] == pytest.approx(result["ratio"]) and saved["ratio"] > 0
+    assert set(saved["img_per_s"]) == {"lightning", "plain", "teacher", "student", "cached"}
+    assert all(v > 0 for v in saved["img_per_s"].values())
+    assert 0 < saved["teacher_share"] < 1 and saved["cache_speedup"] > 0
+    assert saved["flops_per_img"]["student_train"] > 0 and saved["flops_per_img"]["teacher_forward"] > 0
+    assert saved["config"]["preset"] == "tiny" and saved["mfu"] is None  # no peak on a CPU
+
+
+def test_step_bench_mfu_with_peak_and_no_parts(bench):
+    r = bench.run_bench(preset="tiny", device="cpu", warmup=1, steps=2, rounds=1, parts=False, cache=False,
+                        peak_tflops=1.0, quiet=True, threads=1)
+    assert set(r["img_per_s"]) == {"lightning", "plain"} and r["teacher_share"] is None
+    assert 0 < r["mfu"]["lightning_step"] < 1
+    assert "ratio lightning / plain" in bench.format_table(r)
+
+
+def test_epoch_bench_on_device_data(bench, tmp_path):
+    r = bench.run_epoch_bench(preset="tiny", device="cpu", num_images=64, epochs=1, quiet=True, threads=1,
+                              json_path=tmp_path / "epoch.json")
+    assert set(r["epoch_seconds"]) == {"student", "live", "cached"}
+    assert json.loads((tmp_path / "epoch.json").read_text())["img_per_s"]["live"] > 0

@@ -1,0 +1,180 @@
+"""Teacher-output cache: round trip against the live teacher, keyed views, stale caches refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill import DistillModule, ImageDataModule, build_teacher
+from distill.teacher_cache import (
+    KeyedViews, TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
+    write_manifest,
+)
+
+STUDENT = dict(patch_size=2, embed_dim=32, depth=1, num_heads=2, drop_path_rate=0.0)
+
+
+def tiny_teacher(seed: int = 0, in_chans: int = 3, num_classes: int = 10):
+    torch.manual_seed(seed)
+    return build_teacher("cifar_resnet10", num_classes, in_chans=in_chans, img_size=8, base_width=8).eval()
+
+
+def batches_of(n_batches: int = 3, b: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_batches):
+        keys = np.stack([np.arange(i * b, (i + 1) * b), np.zeros(b, dtype=np.int64)], 1)
+        out.append((torch.randn(b, 3, 8, 8, generator=g), torch.randint(0, 10, (b,), generator=g), keys))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_full_logits_round_trip_equals_live_teacher(tmp_path, world_size):
+    teacher, data = tiny_teacher(), batches_of()
+    with torch.no_grad():
+        live = torch.cat([teacher(x) for x, _, _ in data])
+    for rank in range(world_size):  # each process writes its own shard
+        build_cache(tmp_path, teacher, data, num_samples=24, num_classes=10, topk=None, dtype="float32",
+                    rank=rank, world_size=world_size)
+    write_manifest(tmp_path, {}, num_samples=24, num_classes=10, views=1, topk=None, dtype="float32",
+                   world_size=world_size)
+    cache = TeacherCache(tmp_path)
+    keys = np.stack([np.arange(24)[::-1], np.zeros(24, dtype=np.int64)], 1)  # any order, any shard
+    torch.testing.assert_close(cache.logits(keys), live.flip(0), rtol=0, atol=0)
+    cache.verify(cache.logits(keys), live.flip(0))
+
+
+def test_topk_round_trip_keeps_topk_probabilities(tmp_path):
+    teacher, data = tiny_teacher(), batches_of()
+    with torch.no_grad():
+        live = torch.cat([teacher(x) for x, _, _ in data]) * 3  # sharper than an untrained net
+    build_cache(tmp_path, lambda x: teacher(x) * 3, data, num_samples=24, num_classes=10, topk=3, dtype="float16",
+                manifest={"teacher": {}})
+    cache = TeacherCache(tmp_path)
+    assert np.load(tmp_path / "shard-0000-of-0001.indices.npy").dtype == np.int16
+    keys = np.stack([np.arange(24), np.zeros(24, dtype=np.int64)], 1)
+    z = cache.logits(keys)
+    assert torch.equal(z.argmax(-1), live.argmax(-1))  # hard distillation is exact
+    top = live.topk(3, dim=-1)
+    p_live, p_cache = live.softmax(-1), z.softmax(-1)
+    torch.testing.assert_close(p_cache.gather(1, top.indices), p_live.gather(1, top.indices), rtol=5e-3, atol=1e-3)
+    torch.testing.assert_close(z.logsumexp(-1), live.logsumexp(-1), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(p_cache.sum(-1), torch.ones(24))
+    cache.verify(z, live)
+
+
+def test_reconstruct_is_finite_when_topk_holds_all_the_mass():
+    idx = torch.tensor([[0, 1]])
+    z = reconstruct_logits(idx, torch.tensor([[100.0, 0.0]]), torch.tensor([100.0]), num_classes=5)
+    assert torch.isfinite(z).all() and z.argmax() == 0
+
+
+def test_keyed_views_replay_bit_identically():
+    dm = ImageDataModule("digits", img_size=8, crop="pad", hflip=0.5, re_prob=0.5)
+    dm.setup("fit")
+    views = KeyedViews(dm.train_set, seed=3)
+    n = len(views)
+    a = views[2 * n + 5]
+    torch.manual_seed(123)  # the global RNG state does not matter ...
+    b = views[2 * n + 5]
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2].tolist() == [5, 2]
+    state = torch.get_rng_state()
+    views[7]
+    assert torch.equal(state, torch.get_rng_state())  # ... and is not changed
+    # another view of the same image is another augmentation (with these settings, almost surely)
+    assert any(not torch.equal(views[v * n + 5][0], a[0]) for v in range(3))
+
+
+# ------------------------------------------------------------------------------ DistillModule glue
+def _fit(trainer_factory, cache_dir, teacher, **data_kwargs):
+    kwargs = dict(img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True, view_epochs=1)
+    kwargs.update(data_kwargs)
+    dm = ImageDataModule("digits", **kwargs)
+    module = DistillModule(student=dict(STUDENT), teacher=teacher, warmup_epochs=0,
+                           teacher_cache=TeacherCacheConfig(dir=str(cache_dir), topk=5, verify_batches=2))
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, dm)
+    return module, dm, trainer
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A cache built by DistillModule at fit start (digits, pad crop + flip, top-5 float16)."""
+    from conftest import make_trainer
+
+    root = tmp_path_factory.mktemp("cache")
+    teacher = tiny_teacher(in_chans=1)
+    factory = lambda **kw: make_trainer(root, **kw)  # noqa: E731
+    module, dm, trainer = _fit(factory, root / "cache", teacher)
+    return dict(dir=root / "cache", teacher=teacher, module=module, dm=dm, trainer=trainer)
+
+
+def test_module_builds_cache_that_matches_live_teacher_on_replayed_views(built):
+    cache = TeacherCache(built["dir"])
+    m = cache.manifest
+    assert (m["views"], m["topk"], m["dtype"], m["num_samples"]) == (1, 5, "float16", len(built["dm"].train_set))
+    assert "RandomCrop" in m["transform"] and m["teacher"]["weights_sha256"] == weights_sha256(tiny_teacher(in_chans=1))
+    module, dm = built["module"], built["dm"]
+    assert module._cached_teacher is not None and module._cached_teacher.to_verify == 0  # checked, then used
+    views = KeyedViews(dm.train_set, dm.hparams.seed)
+    items = [views[i] for i in (0, 17, 400, len(views) - 1)]
+    x = torch.stack([it[0] for it in items])
+    keys = np.stack([it[2] for it in items])
+    live = module.teacher_logits(x).float()
+    z = cache.logits(keys)
+    assert torch.equal(z.argmax(-1), live.argmax(-1))
+    top = z.topk(5, dim=-1).indices
+    torch.testing.assert_close(z.gather(1, top), live.gather(1, top), rtol=2e-3, atol=2e-3)
+
+
+def test_training_batches_carry_keys_and_old_batches_still_work(built, trainer_factory):
+    batch = next(iter(built["dm"].train_dataloader()))
+    assert len(batch) == 3 and isinstance(batch[2], np.ndarray) and batch[2].shape == (64, 2)
+    # without the cache, (x, y) batches are unchanged
+    dm = ImageDataModule("digits", img_size=8, batch_size=64)
+    module = DistillModule(student=dict(STUDENT), teacher=built["teacher"], warmup_epochs=0)
+    trainer_factory(max_steps=2, limit_val_batches=0).fit(module, dm)
+    assert module._cached_teacher is None
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(teacher_seed=1), "teacher differs"),
+        (dict(hflip=0.0), "transforms differ"),
+        (dict(seed=1), "data differs"),
+    ],
+)
+def test_stale_cache_is_refused(built, trainer_factory, change, match):
+    change = dict(change)
+    teacher = tiny_teacher(seed=change.pop("teacher_seed", 0), in_chans=1)
+    with pytest.raises(ValueError, match=match):
+        _fit(trainer_factory, built["dir"], teacher, **change)
+
+
+def test_cache_that_disagrees_with_live_teacher_is_refused(built, trainer_factory, tmp_path):
+    import shutil
+
+    copy_dir = tmp_path / "tampered"
+    shutil.copytree(built["dir"], copy_dir)
+    values = np.load(copy_dir / "shard-0000-of-0001.values.npy", mmap_mode="r+")
+    values[:] = -values[:]  # same manifest, wrong numbers
+    values.flush()
+    with pytest.raises(ValueError, match="disagrees with the live teacher"):
+        _fit(trainer_factory, copy_dir, tiny_teacher(in_chans=1))
+
+
+def test_cache_refuses_mixup_and_unkeyed_data(built, trainer_factory):
+    with pytest.raises(ValueError, match="mixup"):
+        _fit(trainer_factory, built["dir"], tiny_teacher(in_chans=1), mixup=0.8)
+    with pytest.raises(ValueError, match="keyed_views"):
+        _fit(trainer_factory, built["dir"], tiny_teacher(in_chans=1), keyed_views=False)
+
+
+def test_manifest_teacher_fields_and_config_in_hparams(built):
+    hp = built["module"].hparams
+    assert hp["teacher_cache"]["dir"] == str(built["dir"]) and hp["teacher_cache"]["topk"] == 5
+    fields = teacher_fields({"weights_sha256": "x"}, torch.nn.Identity())
+    assert fields["input"]["mean"] is None and json.dumps(fields)
