@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger
 
 from .data import ImageDataModule
-from .fault_tolerance import AtomicCheckpointIO, BestAndLastCheckpoint, NonFiniteLossGuard, ResumeState
+from .fault_tolerance import AtomicCheckpointIO, BestAndLastCheckpoint
 from .lineage import RunSummary
 
 log = logging.getLogger("distill")
@@ -139,7 +139,7 @@ class DistillCLI(LightningCLI):
             kwargs["logger"] = self._loggers(config, root)
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        callbacks = [ResumeState(), NonFiniteLossGuard(), RunSummary()]
+        callbacks = [RunSummary()]  # the modules add NonFiniteLossGuard and ResumeState themselves
         if kwargs.get("logger") or trainer_cfg.get("logger"):
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         trainer = super().instantiate_trainer(**kwargs)

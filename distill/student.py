@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fault_tolerance import NonFiniteLossGuard, ResumeState
 from .lineage import run_record
 from .losses import DistillationLoss
 from .metrics import accuracy_metrics
@@ -322,17 +323,22 @@ class DistillModule(L.LightningModule):
             z_t = self._cached_teacher(self, batch)
         else:
             z_t = self.teacher_logits(x) if self.loss.needs_teacher else None
-        terms = self.loss(self.student(x), z_t, y)
-        if not torch.isfinite(terms.total):
-            raise FloatingPointError(
-                f"train/loss is {terms.total.item()} at step {self.global_step} (ce={terms.ce.item()}, "
-                f"distill={terms.distill.item()}); lower model.lr or check the data"
-            )
+        out = self.student(x)
+        terms = self.loss(out, z_t, y)
+        total = terms.total
+        if self.loss.mode == "none" and isinstance(out, tuple):
+            # The distillation head gets no gradient without a teacher term; touch it with a zero so
+            # DDP's unused-parameter check does not fail.
+            total = total + 0.0 * out[1].sum()
         if self._log_this_step(batch_idx):
             self.log("train/loss", terms.total, prog_bar=True)
             self.log("train/loss_ce", terms.ce)
             self.log("train/loss_distill", terms.distill)
-        return terms.total
+        return total
+
+    def configure_callbacks(self):
+        # Stop on a non-finite loss before a checkpoint is written; keep RNG state for exact resume.
+        return [NonFiniteLossGuard(), ResumeState()]
 
     def _log_this_step(self, batch_idx: int) -> bool:
         """Training losses are logged on the steps the Trainer writes logs (`log_every_n_steps`), the
@@ -397,8 +403,8 @@ class DistillModule(L.LightningModule):
             self._cached_teacher = CachedTeacher(open_for_module(self), self.teacher_cache_config.verify_batches,
                                                  str(self.trainer.precision))
         # The teacher's lineage travels with the student run (W&B config, CSV hparams).
-        if self.teacher_identity and self.logger is not None:
-            self.logger.log_hyperparams({"teacher_lineage": dict(self.teacher_identity)})
+        for logger in self.loggers if self.teacher_identity else []:
+            logger.log_hyperparams({"teacher_lineage": dict(self.teacher_identity)})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

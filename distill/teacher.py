@@ -7,6 +7,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .fault_tolerance import NonFiniteLossGuard, ResumeState
 from .lineage import run_record
 from .metrics import accuracy_metrics
 from .models import TEACHER_KIND, build_teacher, model_meta
@@ -135,6 +136,10 @@ class TeacherModule(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).softmax(-1)
+
+    def configure_callbacks(self):
+        # Stop on a non-finite loss before a checkpoint is written; keep RNG state for exact resume.
+        return [NonFiniteLossGuard(), ResumeState()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["distill_run"] = run_record(self._trainer)
