@@ -1,0 +1,403 @@
+"""DistillModule (step 2): the frozen teacher, checkpoints without it, reloading and resuming, the optimizer,
+logged metrics, EMA, class checks, TeacherInput, and a real run on digits after step 1."""
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+
+from distill import (
+    DistillationLoss,
+    DistillModule,
+    ImageDataModule,
+    StudentConfig,
+    build_student,
+    build_teacher,
+    load_student,
+    model_meta,
+)
+from distill.student import TeacherInput
+
+VAL_NAMES = ("val/acc", "val/acc_cls", "val/acc_dist", "val/acc_teacher", "val/agreement")
+TRAIN_NAMES = ("train/loss", "train/loss_ce", "train/loss_distill")
+
+
+def digits(batch_size: int = 16, **kwargs) -> ImageDataModule:
+    return ImageDataModule("digits", img_size=8, batch_size=batch_size, **kwargs)
+
+
+def bn_teacher(dm: ImageDataModule, num_classes: int | None = None, **meta) -> torch.nn.Module:
+    """A fresh tiny CNN with BatchNorm for `dm` (its running statistics would move in train mode)."""
+    kwargs = dict(in_chans=dm.in_chans, img_size=dm.img_size, mean=dm.mean, std=dm.std,
+                  class_names=None if num_classes else dm.class_names)
+    kwargs.update(meta)
+    return build_teacher("cifar_resnet10", num_classes or dm.num_classes, base_width=8, **kwargs)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def teacher_file(tiny_teacher_ckpt, tmp_path):
+    """A private copy of the tiny step-1 checkpoint (tests may change it)."""
+    path = tmp_path / "teacher" / "teacher.ckpt"
+    path.parent.mkdir()
+    shutil.copy(tiny_teacher_ckpt, path)
+    return path
+
+
+def change_teacher_file(path) -> None:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("fc.weight"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1.0
+    torch.save(ckpt, path)
+
+
+# ----------------------------------------------------------------------------------- frozen teacher
+def test_teacher_frozen_through_fit_and_validate(trainer_factory, tiny_student):
+    torch.manual_seed(0)
+    dm = digits()
+    teacher = bn_teacher(dm)
+    teacher.train()  # even handed over in train mode
+    before = snapshot(teacher)
+    assert any(k.endswith("running_mean") for k in before)
+    module = DistillModule(StudentConfig(**tiny_student), teacher=teacher,
+                           loss=DistillationLoss("soft", alpha=0.5, tau=2.0), warmup_epochs=0)
+    assert module.teacher is teacher and not teacher.training
+    trainer = trainer_factory(max_steps=3, limit_val_batches=2, val_check_interval=2)
+    trainer.fit(module, dm)
+    trainer.validate(module, dm, verbose=False)
+    module.train()  # Lightning's mode switches go through here; the teacher stays in eval
+    assert module.student.training
+    assert not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert_same_state(before, snapshot(teacher))  # weights and BatchNorm running statistics
+    # ... while the student did train
+    assert trainer.global_step == 3
+    fresh = build_student(**module.hparams["student"])
+    assert not all(
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), module.student.state_dict().values())
+    )
+
+
+def test_optimizer_holds_only_student_params_with_deit_weight_decay(trainer_factory, tiny_student):
+    dm = digits()
+    module = DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm), weight_decay=0.07)
+    trainer = trainer_factory(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, dm)
+    (optimizer,) = trainer.optimizers
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(decay_of)  # each once
+    student = dict(module.student.named_parameters())
+    assert set(decay_of) == {id(p) for p in student.values()}
+    assert not set(decay_of) & {id(p) for p in module.teacher.parameters()}
+    # DeiT / timm: no decay on the position embedding, the tokens, norms and biases
+    no_decay = {"pos_embed", "cls_token", "dist_token", "norm.weight", "norm.bias", "head.bias", "head_dist.bias",
+                "blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"}
+    decay = {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight",
+             "head_dist.weight"}
+    assert no_decay | decay <= set(student)
+    for name, p in student.items():
+        expected = 0.0 if (name in no_decay or p.ndim <= 1) else 0.07
+        assert decay_of[id(p)] == expected, name
+    for name in decay:
+        assert decay_of[id(student[name])] == 0.07, name
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_without_teacher_weights_records_its_identity(trainer_factory, teacher_file, tiny_student):
+    dm = digits()
+    module = DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), warmup_epochs=0)
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True)
+    trainer.fit(module, dm)
+    path = trainer.checkpoint_callback.best_model_path
+    assert path
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert not any(k.startswith("teacher.") for k in keys)
+    assert {f"student.{k}" for k in module.student.state_dict()} <= keys
+    for k, v in module.student.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][f"student.{k}"], v), k
+    digest = hashlib.sha256(teacher_file.read_bytes()).hexdigest()  # computed here, independently
+    hp = ckpt["hyper_parameters"]
+    assert hp["teacher"] == str(teacher_file.resolve())
+    assert hp["teacher_sha256"] == digest
+    assert hp["distill_kind"] == "student"
+    assert ckpt["distill_teacher"]["path"] == str(teacher_file.resolve())
+    assert ckpt["distill_teacher"]["sha256"] == digest
+    # and what is needed to rebuild and feed the student without the recipe
+    assert hp["student"]["num_classes"] == 10 and hp["student"]["in_chans"] == 1 and hp["student"]["img_size"] == 8
+    assert hp["data"]["class_names"] == dm.class_names
+    assert hp["data"]["mean"] == pytest.approx(list(dm.mean))
+    assert hp["loss"]["mode"] == module.loss.mode
+
+
+def test_load_from_checkpoint_reloads_teacher_from_its_file(trainer_factory, teacher_file, tiny_student, tmp_path):
+    dm = digits()
+    module = DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), warmup_epochs=0)
+    trainer = trainer_factory(max_steps=2, limit_val_batches=0)
+    trainer.fit(module, dm)
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+
+    loaded = DistillModule.load_from_checkpoint(path)
+    expected_teacher = build_teacher("cifar_resnet10", checkpoint=teacher_file)
+    assert_same_state(snapshot(expected_teacher), snapshot(loaded.teacher))
+    assert not loaded.teacher.training and not any(p.requires_grad for p in loaded.teacher.parameters())
+    assert_same_state(snapshot(module.student), snapshot(loaded.student))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.student.eval()(x), module.student.eval()(x))
+    # the student alone, without the teacher
+    student = load_student(path)
+    meta = model_meta(student)
+    assert meta["class_names"] == dm.class_names and meta["mean"] == pytest.approx(dm.mean)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), module.student(x))
+
+    # a changed teacher file is refused ...
+    change_teacher_file(teacher_file)
+    with pytest.raises(ValueError, match="sha256"):
+        DistillModule.load_from_checkpoint(path)
+    # ... and so is a missing one
+    teacher_file.unlink()
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        DistillModule.load_from_checkpoint(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*")
+def test_resume_reloads_teacher_and_refuses_a_changed_one(trainer_factory, teacher_file, tiny_student, tmp_path):
+    dm = digits()
+    make = lambda: DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), warmup_epochs=0)  # noqa: E731
+    trainer = trainer_factory(max_steps=2, limit_val_batches=0)
+    trainer.fit(make(), dm)
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+
+    resumed = trainer_factory(max_steps=3, limit_val_batches=0)
+    module = make()
+    resumed.fit(module, dm, ckpt_path=path)
+    assert resumed.global_step == 3  # continued from step 2
+    assert "teacher.stem.0.weight" in dict(module.named_parameters())
+
+    change_teacher_file(teacher_file)
+    again = trainer_factory(max_steps=4, limit_val_batches=0)
+    module = make()
+    with pytest.raises(ValueError, match="sha256"):
+        again.fit(module, dm, ckpt_path=path)
+    assert again.global_step == 0
+
+
+def test_student_checkpoint_is_not_a_teacher(trainer_factory, teacher_file, tiny_student, tmp_path):
+    dm = digits()
+    trainer = trainer_factory(max_steps=1, limit_val_batches=0)
+    trainer.fit(DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file)), dm)
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match="student"):
+        build_teacher("cifar_resnet10", checkpoint=path)
+    with pytest.raises(ValueError, match="student"):
+        DistillModule(StudentConfig(**tiny_student), teacher=str(path))
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def test_logged_metric_names(trainer_factory, tiny_student):
+    dm = digits()
+    module = DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm), loss=DistillationLoss("hard"))
+    trainer = trainer_factory(max_steps=2, limit_val_batches=2, val_check_interval=2)
+    trainer.fit(module, dm)
+    metrics = trainer.callback_metrics
+    for name in VAL_NAMES + TRAIN_NAMES + ("val/acc_top5",):
+        assert name in metrics, sorted(metrics)
+    for name in VAL_NAMES + ("val/acc_top5",):
+        assert 0.0 <= float(metrics[name]) <= 1.0, name
+    assert float(metrics["val/acc_top5"]) >= float(metrics["val/acc"])
+    for name in TRAIN_NAMES:
+        assert math.isfinite(float(metrics[name])) and float(metrics[name]) >= 0, name
+    # train/loss is the DeiT mix of its two terms (alpha = 0.5 by default)
+    a = module.loss.alpha
+    total = (1 - a) * float(metrics["train/loss_ce"]) + a * float(metrics["train/loss_distill"])
+    assert float(metrics["train/loss"]) == pytest.approx(total, rel=1e-5)
+    assert "val/acc_ema" not in metrics
+
+
+def test_ema_logs_acc_ema_and_copies_only_the_student(trainer_factory, tiny_student, tmp_path):
+    dm = digits()
+    module = DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm), ema_decay=0.5, lr=1e-2,
+                           warmup_epochs=0)
+    trainer = trainer_factory(max_steps=3, limit_val_batches=2, val_check_interval=3)
+    trainer.fit(module, dm)
+    assert "val/acc_ema" in trainer.callback_metrics
+    assert 0.0 <= float(trainer.callback_metrics["val/acc_ema"]) <= 1.0
+    ema = module.student_ema.module
+    assert isinstance(ema, VisionTransformerDistilled) and ema is not module.student
+    assert ema.state_dict().keys() == module.student.state_dict().keys()
+    assert sum(p.numel() for p in ema.parameters()) == sum(p.numel() for p in module.student.parameters())
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    # an average, not the student itself, and not in the optimizer
+    assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), module.student.parameters()))
+    in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not in_optimizer & {id(p) for p in ema.parameters()}
+
+
+def test_teacher_with_other_classes_refused_before_first_step(trainer_factory, tiny_student):
+    dm = digits()
+    steps = []
+
+    class Spy(DistillModule):
+        def training_step(self, batch, batch_idx):
+            steps.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    module = Spy(StudentConfig(**tiny_student), teacher=bn_teacher(dm, num_classes=3))
+    trainer = trainer_factory(max_steps=2)
+    with pytest.raises(ValueError, match="classes") as err:
+        trainer.fit(module, dm)
+    assert "3" in str(err.value) and "10" in str(err.value)
+    assert steps == [] and trainer.global_step == 0
+
+
+def test_teacher_with_other_class_names_refused(trainer_factory, tiny_student):
+    dm = digits()
+    teacher = bn_teacher(dm, class_names=[str(9 - i) for i in range(10)])
+    with pytest.raises(ValueError, match="classes"):
+        trainer_factory(max_steps=1).fit(DistillModule(StudentConfig(**tiny_student), teacher=teacher), dm)
+
+
+def test_distillation_needs_a_teacher(trainer_factory, tiny_student):
+    with pytest.raises(ValueError, match="teacher"):
+        trainer_factory(max_steps=1).fit(DistillModule(StudentConfig(**tiny_student)), digits())
+
+
+def test_no_distillation_baseline_runs_without_teacher(trainer_factory, tiny_student):
+    module = DistillModule(StudentConfig(**tiny_student), loss=DistillationLoss("none"))
+    trainer = trainer_factory(max_steps=1, limit_val_batches=1, val_check_interval=1)
+    trainer.fit(module, digits())
+    assert "val/acc" in trainer.callback_metrics and "val/acc_teacher" not in trainer.callback_metrics
+    assert float(trainer.callback_metrics["train/loss_distill"]) == 0.0
+
+
+# ------------------------------------------------------------------------------------- TeacherInput
+def test_teacher_input_identity_when_everything_agrees():
+    ti = TeacherInput((0.3,), (0.4,), (0.3,), (0.4,), 1, 1, 8)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(ti(x), x)
+
+
+def test_teacher_input_renormalises():
+    # student data: mean 0.5, std 0.25; teacher: mean 0.2, std 0.5. A pixel of raw value v arrives as
+    # (v - 0.5) / 0.25 and must leave as (v - 0.2) / 0.5.
+    ti = TeacherInput((0.5,), (0.25,), (0.2,), (0.5,), 1, 1, None)
+    x = torch.tensor([0.0, 1.0, -2.0, 2.0]).view(1, 1, 1, 4)  # raw 0.5, 0.75, 0.0, 1.0
+    expected = torch.tensor([0.6, 1.1, -0.4, 1.6]).view(1, 1, 1, 4)
+    torch.testing.assert_close(ti(x), expected)
+
+
+def test_teacher_input_grayscale_to_rgb_and_back():
+    gray_to_rgb = TeacherInput((0.5,), (0.5,), (0.1, 0.2, 0.3), (0.5, 0.25, 0.2), 1, 3, None)
+    x = torch.tensor([1.0]).view(1, 1, 1, 1)  # raw 1.0
+    torch.testing.assert_close(gray_to_rgb(x).flatten(), torch.tensor([1.8, 3.2, 3.5]))
+
+    rgb_to_gray = TeacherInput((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (0.5,), (0.25,), 3, 1, None)
+    x = torch.tensor([0.2, 0.4, 0.9]).view(1, 3, 1, 1)  # gray = 0.5
+    out = rgb_to_gray(x)
+    assert out.shape == (1, 1, 1, 1)
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.0]))
+
+
+def test_teacher_input_resizes():
+    # bilinear, half-pixel centres, 2 -> 4: [a, b] -> [a, .75a + .25b, .25a + .75b, b] along each axis
+    ti = TeacherInput((0.0,), (1.0,), (0.0,), (1.0,), 1, 1, 4)
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
+    expected = torch.tensor(
+        [[0.0, 0.25, 0.75, 1.0], [0.5, 0.75, 1.25, 1.5], [1.5, 1.75, 2.25, 2.5], [2.0, 2.25, 2.75, 3.0]]
+    ).view(1, 1, 4, 4)
+    torch.testing.assert_close(ti(x), expected)
+    # a constant image stays constant when shrunk, after renormalisation
+    shrink = TeacherInput((0.5,), (0.5,), (0.0,), (1.0,), 1, 1, 3)
+    out = shrink(torch.full((2, 1, 12, 12), 0.4))
+    assert out.shape == (2, 1, 3, 3)
+    torch.testing.assert_close(out, torch.full((2, 1, 3, 3), 0.7))
+
+
+def test_teacher_with_other_mean_std_size_and_channels_gets_converted_input(trainer_factory, tiny_student):
+    """Synthetic RGB 8x8 data, three classes (so no top-5), and a grayscale teacher trained at 16x16 with
+    other statistics: the teacher must receive 1-channel 16x16 input in its own normalisation."""
+    dm = ImageDataModule("synthetic", img_size=8, batch_size=8, num_samples=32, num_classes_synthetic=3,
+                         in_chans_synthetic=3, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    teacher = build_teacher("cifar_resnet10", 3, in_chans=1, img_size=16, mean=[0.45], std=[0.3],
+                            class_names=dm.class_names, base_width=8)
+    module = DistillModule(StudentConfig(**tiny_student), teacher=teacher, loss=DistillationLoss("soft", tau=2.0))
+    seen = {}
+
+    def capture_teacher_input(_module, args):  # returns None: the input is left as it is
+        if "teacher" not in seen:
+            seen["teacher"] = args[0].detach().clone()
+
+    teacher.register_forward_pre_hook(capture_teacher_input)
+
+    class Capture(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("x", batch[0].detach().clone())
+
+    trainer = trainer_factory(max_steps=1, limit_val_batches=1, val_check_interval=1, callbacks=[Capture()])
+    trainer.fit(module, dm)
+    x, t_in = seen["x"], seen["teacher"]
+    assert t_in.shape == (8, 1, 16, 16)
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    gray = (x * std + mean).mean(1, keepdim=True)
+    expected_small = (gray - 0.45) / 0.3
+    # resizing 8 -> 16 keeps the mean of each 2x2 block close to the source pixel; compare block means
+    blocks = torch.nn.functional.avg_pool2d(t_in, 2)
+    assert blocks.shape == expected_small.shape
+    torch.testing.assert_close(blocks.mean(), expected_small.mean(), atol=1e-4, rtol=0)
+    corr = torch.corrcoef(torch.stack([blocks.flatten(), expected_small.flatten()]))[0, 1]
+    assert corr > 0.9
+    # and exactly the conversion TeacherInput is documented to do
+    torch.testing.assert_close(t_in, module.teacher_input(x))
+    assert "val/acc_teacher" in trainer.callback_metrics and "val/acc_top5" not in trainer.callback_metrics
+
+
+# -------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_distill_on_digits_after_step_one(trained_teacher, trainer_factory, accuracy_of):
+    """Step 2 through the Python API with the teacher of step 1 (trained once per session)."""
+    L.seed_everything(0)
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, seed=0)
+    module = DistillModule(
+        StudentConfig(patch_size=2, embed_dim=64, depth=2, num_heads=4, drop_path_rate=0.0),
+        teacher=str(trained_teacher.ckpt),
+        loss=DistillationLoss("hard", alpha=0.5),
+        lr=2e-3,
+        warmup_epochs=0.5,
+    )
+    trainer = trainer_factory(max_epochs=6, enable_checkpointing=True)
+    trainer.fit(module, dm)
+    metrics = trainer.callback_metrics
+    for name in VAL_NAMES + TRAIN_NAMES + ("val/acc_top5",):
+        assert name in metrics, sorted(metrics)
+    for name in VAL_NAMES + ("val/acc_top5",):
+        assert 0.0 <= float(metrics[name]) <= 1.0, name
+    # the teacher, reloaded from its checkpoint, scores exactly what step 1 measured
+    teacher = build_teacher("cifar_resnet18", checkpoint=trained_teacher.ckpt)
+    assert float(metrics["val/acc_teacher"]) == pytest.approx(accuracy_of(teacher, dm.val_dataloader()), abs=1e-6)
+    assert float(metrics["val/acc_teacher"]) >= 0.95
+    # the student learned something in 6 short epochs (chance is 0.1)
+    assert float(metrics["val/acc"]) > 0.3
+    # its fused accuracy, counted by hand from the saved student
+    student = load_student(trainer.checkpoint_callback.best_model_path)
+    assert accuracy_of(student, dm.val_dataloader()) == pytest.approx(float(metrics["val/acc"]), abs=1e-6)
