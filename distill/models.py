@@ -229,6 +229,14 @@ def build_student(
         arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
         drop_path_rate=drop_path_rate, **kwargs, **timm_kwargs,
     )
+    # patch_size=None means the named model's (16 for DeiT): check that one too, or timm silently
+    # drops the pixels past the last whole patch.
+    named_patch = model.patch_embed.patch_size[-1]
+    if img_size % named_patch:
+        raise ValueError(
+            f"img_size={img_size} is not divisible by {name}'s patch_size={named_patch}; "
+            f"choose a patch_size that divides it"
+        )
     if distilled:
         assert isinstance(model, VisionTransformerDistilled)
         model.set_distilled_training(True)
