@@ -116,6 +116,12 @@ class DistillCLI(LightningCLI):
             return parsed.config
         raise AssertionError("unreachable")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the recipe's model section with the checkpoint's hyper-parameters
+        # (which only works for checkpoints that record a `_class_path`). The recipe stays the source of
+        # truth here; the modules check the checkpoint against it when its weights are loaded.
+        return
+
     def before_instantiate_classes(self) -> None:
         if getattr(self, "_parse_only", False):
             raise _Parsed(self.config)

@@ -366,10 +366,20 @@ class ImageDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------- dataloaders
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         workers = self.num_workers
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads the last shard with repeated samples, which
+            # would count them twice in the metrics: shard evaluation data without padding instead.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                   shuffle=False)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train if sampler is None else False,
+            sampler=sampler,
             drop_last=train and self.hparams.drop_last,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),

@@ -123,6 +123,8 @@ class DistillationLoss(nn.Module):
         ce = F.cross_entropy(z_cls.float(), target, label_smoothing=self.label_smoothing)
         if self.mode == "none":
             return LossTerms(ce, ce, ce.new_zeros(()))
+        if teacher_logits is None and self.alpha == 0.0:  # the teacher term weighs nothing: skip it
+            return LossTerms(ce, ce, ce.new_zeros(()))
         if teacher_logits is None:
             raise ValueError(f"DistillationLoss(mode={self.mode!r}) needs teacher_logits; got None")
         if self.mode == "soft":

@@ -326,9 +326,9 @@ class DistillModule(L.LightningModule):
         out = self.student(x)
         terms = self.loss(out, z_t, y)
         total = terms.total
-        if self.loss.mode == "none" and isinstance(out, tuple):
-            # The distillation head gets no gradient without a teacher term; touch it with a zero so
-            # DDP's unused-parameter check does not fail.
+        if not self.loss.needs_teacher and isinstance(out, tuple):
+            # Without a teacher term (mode none, alpha 0) the distillation head gets no gradient; touch
+            # it with a zero so DDP's unused-parameter check does not fail.
             total = total + 0.0 * out[1].sum()
         if self._log_this_step(batch_idx):
             self.log("train/loss", terms.total, prog_bar=True)
