@@ -3,8 +3,10 @@
 Trainer against a plain PyTorch loop written the way DeiT's reference engine does it, on the same
 models, batch, precision and device, alternating rounds in one process.
 
-    # CPU (default preset: DeiT-tiny width, depth 12, 32px patch 4, CIFAR ResNet-18 teacher, batch 64)
-    python tools/bench.py --json results/bench_cpu.json
+    # CPU (default preset: DeiT-tiny width, depth 12, 32px patch 4, CIFAR ResNet-18 teacher, batch 32)
+    python tools/bench.py --threads 1 --warmup 2 --steps 10 --rounds 5 --json results/bench_cpu.json
+    # Lightning's per-step host overhead, immune to other processes (thread CPU time, tiny model)
+    python tools/bench.py --preset tiny --threads 1 --clock thread --warmup 10 --steps 40
     # one H100/H200: DeiT-S + RegNetY-16GF at 224px, batch 256, bf16
     python tools/bench.py --preset gpu --json results/bench_gpu.json
     # one H100/H200: a CIFAR-10 epoch (50,000 images) from the on-device dataset
@@ -112,15 +114,18 @@ class Cycle:
         return itertools.cycle(self.batches)
 
 
-class StepTimer(L.Callback):
-    """Wall time between consecutive `on_train_batch_start` calls (synchronised on CUDA)."""
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self.sync, self.starts = sync, []
+
+class StepTimer(L.Callback):
+    """Time between consecutive `on_train_batch_start` calls (synchronised on CUDA)."""
+
+    def __init__(self, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> None:
+        self.sync, self.clock, self.starts = sync, clock, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.sync()
-        self.starts.append(time.perf_counter())
+        self.starts.append(self.clock())
 
     def intervals(self) -> list[float]:
         return [b - a for a, b in zip(self.starts, self.starts[1:])]
@@ -253,10 +258,14 @@ def _run_bench(
     peak_tflops: float | None = None,
     json_path: str | os.PathLike | None = None,
     quiet: bool = False,
+    clock: str = "wall",
     **overrides: Any,
 ) -> dict[str, Any]:
     dev = _device(device)
     cfg = _config(preset, dev, overrides)
+    clock_name, clock = clock, CLOCKS[clock]
+    if clock_name == "thread" and (dev.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("--clock thread (this thread's CPU time) measures a CPU run with --threads 1 only")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -336,7 +345,7 @@ def _run_bench(
         starts = []
         for _ in range(n):
             sync()
-            starts.append(time.perf_counter())
+            starts.append(clock())
             (x, y), z = next(it)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with autocast():
@@ -359,7 +368,7 @@ def _run_bench(
         it = iter(Cycle(plain_batches))
         for _ in range(n):
             sync()
-            starts.append(time.perf_counter())
+            starts.append(clock())
             x, _ = next(it)
             with autocast():
                 teacher_fn(x)
@@ -367,7 +376,7 @@ def _run_bench(
         return [b - a for a, b in zip(starts, starts[1:])]
 
     def lightning_round(mod: DistillModule, data: list, n: int) -> list[float]:
-        timer = StepTimer(sync)
+        timer = StepTimer(sync, clock)
         trainer = _trainer(dev, cfg["precision"], [timer], max_steps=n)
         trainer.fit(mod, train_dataloaders=Cycle(data))
         return timer.intervals()
@@ -406,7 +415,7 @@ def _run_bench(
     result: dict[str, Any] = dict(
         mode="step",
         config={k: v for k, v in cfg.items()} | dict(warmup=warmup, steps=steps, rounds=rounds,
-                                                      distinct_batches=distinct_batches),
+                                                      distinct_batches=distinct_batches, clock=clock_name),
         device=_device_name(dev),
         versions=dict(torch=torch.__version__, lightning=L.__version__, python=platform.python_version()),
         threads=torch.get_num_threads(),
@@ -590,7 +599,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (1 = steadier on a shared CPU)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall time (default) or this thread's CPU time (CPU, --threads 1: immune to other "
+                        "processes on the machine; isolates per-step host overhead)")
     p.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s of the device in this precision, for MFU")
     p.add_argument("--num-images", type=int, help="epoch mode: images per epoch (default 50,000)")
     p.add_argument("--data-root", help="epoch mode: torchvision CIFAR-10 folder (default: random uint8 images)")
@@ -606,7 +618,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                **overrides)
     return run_bench(preset=a.preset, device=a.device, warmup=a.warmup, steps=a.steps, rounds=a.rounds,
                      parts=not a.no_parts, cache=not a.no_cache, peak_tflops=a.peak_tflops, threads=a.threads,
-                     json_path=a.json_path, **overrides)
+                     json_path=a.json_path, clock=a.clock, **overrides)
 
 
 if __name__ == "__main__":
