@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .data import ImageDataModule
 from .fault_tolerance import AtomicCheckpointIO, BestAndLastCheckpoint
-from .lineage import RunSummary
+from .lineage import RunSummary, finish_wandb
 
 log = logging.getLogger("distill")
 # `distill pipeline` runs LightningCLI in-process with args of its own, which is what this warns about.
@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         code = _dispatch(args)
         if code is None:
-            DistillCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+            try:
+                DistillCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+            finally:
+                finish_wandb()
             code = 0
         return code
 

@@ -29,6 +29,17 @@ def run_record(trainer: L.Trainer | None) -> dict[str, Any]:
                 epoch=int(trainer.current_epoch), global_step=int(trainer.global_step), metrics=metrics)
 
 
+def finish_wandb() -> None:
+    """Closes the active W&B run, if any, so its files are complete and the next run is a new one."""
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
 def best_checkpoint(trainer: L.Trainer) -> str | None:
     cb = trainer.checkpoint_callback
     if isinstance(cb, ModelCheckpoint):

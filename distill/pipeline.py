@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .lineage import best_checkpoint
+from .lineage import best_checkpoint, finish_wandb
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -70,11 +69,7 @@ def run_step(config: Path, args: list[str], root: Path) -> tuple[str, dict[str, 
         raise ValueError(f"{config.name}: training wrote no checkpoint; keep the default checkpoint settings")
     results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
     metrics = {k: round(float(v), 6) for k, v in (results[0] if results else {}).items()}
-    if "wandb" in sys.modules:  # one W&B run per step: close this one before the next step starts
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
+    finish_wandb()  # one W&B run per step: close this one before the next step starts
     return best, metrics, time.perf_counter() - start
 
 

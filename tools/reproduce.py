@@ -130,7 +130,7 @@ def write_plot(results: dict, path: Path) -> None:
     low = min(100 * (r["mean"] - r["std"]) for r in rows)
     ax.set_ylim(max(0, low - 5), 100)
     short = {"none": "no\ndistillation", "soft": "soft (tau 3)\nno token", "hard": "hard\nno token"}
-    labels = [short.get(r["variant"], "token:\n" + r["row"].split(": ")[1]) for r in rows]
+    labels = [short[r["variant"]] if r["variant"] in short else "token:\n" + r["row"].split(": ")[1] for r in rows]
     ax.set_xticks(list(xs), labels, fontsize=8)
     for x, r in zip(xs, rows):
         ax.text(x, 100 * (r["mean"] + r["std"]) + 0.3, f"{100 * r['mean']:.1f}", ha="center", va="bottom", fontsize=8)
