@@ -108,7 +108,9 @@ def write_markdown(results: dict, path: Path) -> None:
     ]
     for row in results["table"]:
         lines.append(f"| {row['row']} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} | {row['n']} |")
-    lines += ["", "Every run (and its checkpoint) is in results.json next to this file."]
+    lines += ["", "Each run is scored with its best checkpoint by fused `val/acc`, chosen on the same validation "
+              "split it is scored on (as the pipeline does); the class- and distillation-head rows read that "
+              "checkpoint's heads.", "", "Every run (and its checkpoint) is in results.json next to this file."]
     path.write_text("\n".join(lines) + "\n")
 
 
