@@ -296,3 +296,29 @@ def test_config_round_trips():
     assert again.config() == loss.config() == dict(
         mode="soft", alpha=0.2, tau=3.0, kl_reduction="deit", label_smoothing=0.1
     )
+
+
+@pytest.mark.parametrize("mode,tau", [("soft", 2.0), ("hard", 1.0)])
+def test_agrees_with_timm_token_distillation_task(mode, tau):
+    """Our loss equals timm's own DeiT token-distillation task (timm.task.TokenDistillationTask) on the
+    same student, teacher and batch: total and both terms, to 1e-6."""
+    token_task = pytest.importorskip("timm.task.token_distillation")
+    from distill import build_student, build_teacher
+
+    torch.manual_seed(0)
+    student = build_student(num_classes=7, img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=1,
+                            num_heads=2, drop_path_rate=0.0)
+    teacher = build_teacher("cifar_resnet10", num_classes=7, in_chans=3).eval()
+    mean, std = student.pretrained_cfg["mean"], student.pretrained_cfg["std"]
+    teacher.pretrained_cfg.update(mean=mean, std=std)  # same normalisation: timm's input adapter is a no-op
+    task = token_task.TokenDistillationTask(student, teacher, distill_type=mode, task_loss_weight=0.5,
+                                            temperature=tau, verbose=False)
+    task.train()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 7, (6,))
+    theirs = task(x, y)
+    with torch.no_grad():
+        z_t = teacher(x)
+    ours = DistillationLoss(mode, alpha=0.5, tau=tau, kl_reduction="batchmean")(student(x), z_t, y)
+    torch.testing.assert_close(ours.ce, theirs["task_loss"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.distill, theirs["distill_loss"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.total, theirs["loss"], atol=1e-6, rtol=1e-6)

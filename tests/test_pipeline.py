@@ -209,3 +209,19 @@ def test_console_script_help():
     res = subprocess.run([str(exe), "fit", "--help"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0 and "--config" in res.stdout and "--data.source" in res.stdout
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    root = tmp_path / "run"
+    base = ["fit", "--config", str(REPO / "recipes/digits/teacher.yaml"), "--model.init_args.model", "cifar_resnet10",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
+            "false", "--trainer.default_root_dir", str(root), "--logger", "wandb"]
+    assert main([*base, "--trainer.max_epochs", "1"]) == 0
+    first_id = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["distill_run"]["wandb_id"]
+    assert first_id
+    assert main([*base, "--trainer.max_epochs", "2", "--ckpt_path", "last"]) == 0
+    runs = sorted((root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one W&B run, written twice
+    assert torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["distill_run"]["wandb_id"] == first_id
