@@ -403,8 +403,11 @@ class DistillModule(L.LightningModule):
             self._cached_teacher = CachedTeacher(open_for_module(self), self.teacher_cache_config.verify_batches,
                                                  str(self.trainer.precision))
         # The teacher's lineage travels with the student run (W&B config, CSV hparams).
-        for logger in self.loggers if self.teacher_identity else []:
-            logger.log_hyperparams({"teacher_lineage": dict(self.teacher_identity)})
+        resolved = {"student": dict(self.hparams["student"]), "data": dict(self.hparams.get("data") or {})}
+        if self.teacher_identity:
+            resolved["teacher_lineage"] = dict(self.teacher_identity)
+        for logger in self.loggers:
+            logger.log_hyperparams(resolved)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

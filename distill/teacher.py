@@ -137,6 +137,13 @@ class TeacherModule(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).softmax(-1)
 
+    def on_fit_start(self) -> None:
+        # The task fields were filled from the data in setup(); loggers only saw the initial None values.
+        resolved = {k: self.hparams[k] for k in ("num_classes", "in_chans", "class_names", "input_mean", "input_std",
+                                                 "input_size")}
+        for logger in self.loggers:
+            logger.log_hyperparams(resolved)
+
     def configure_callbacks(self):
         # Stop on a non-finite loss before a checkpoint is written; keep RNG state for exact resume.
         return [NonFiniteLossGuard(), ResumeState()]
