@@ -14,3 +14,26 @@ def accuracy_metrics(num_classes: int, names: list[str]) -> nn.ModuleDict:
         if top_k <= num_classes:
             metrics[name] = MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
     return nn.ModuleDict(metrics)
+
+
+class EvaluationSteps:
+    """validation/test/predict steps shared by the teacher and student modules: `_eval_step(batch,
+    metrics)` updates the stage's accuracies, which are logged as `val/<name>` or `test/<name>`."""
+
+    prog_bar_metrics: tuple[str, ...] = ("acc",)
+
+    def _log_metrics(self, prefix: str, metrics: nn.ModuleDict) -> None:
+        for name, m in metrics.items():
+            self.log(f"{prefix}/{name}", m, prog_bar=name in self.prog_bar_metrics)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+        self._log_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch, batch_idx: int):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)

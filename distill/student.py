@@ -14,7 +14,7 @@ from torch import nn
 from .fault_tolerance import NonFiniteLossGuard, ResumeState
 from .lineage import run_record
 from .losses import DistillationLoss
-from .metrics import accuracy_metrics
+from .metrics import EvaluationSteps, accuracy_metrics
 from .models import (
     STUDENT_KIND, build_student, build_teacher, load_weights_file, model_meta, set_model_meta, sha256_of, student_heads,
 )
@@ -77,7 +77,7 @@ class TeacherInput(nn.Module):
         return x
 
 
-class DistillModule(L.LightningModule):
+class DistillModule(EvaluationSteps, L.LightningModule):
     """DeiT's step 2: a student ViT learns from the ground truth and from a frozen teacher.
 
     The teacher is frozen for good: no gradients, never in train mode (also across Lightning's
@@ -112,6 +112,8 @@ class DistillModule(L.LightningModule):
             its directory): the teacher runs once per sample view, training reads its stored outputs.
             Needs `data.keyed_views: true`; refused when its teacher, data or transforms differ.
     """
+
+    prog_bar_metrics = ("acc", "acc_teacher")
 
     def __init__(
         self,
@@ -373,22 +375,6 @@ class DistillModule(L.LightningModule):
                 metrics["acc_teacher_top5"].update(z_t, y)
         if self.student_ema is not None:
             metrics["acc_ema"].update(self.student_ema.module(x), y)
-
-    def _log_metrics(self, prefix: str, metrics: nn.ModuleDict) -> None:
-        for name, m in metrics.items():
-            self.log(f"{prefix}/{name}", m, prog_bar=name in ("acc", "acc_teacher"))
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
-        self._log_metrics("val", self.val_metrics)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
-        self._log_metrics("test", self.test_metrics)
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.student(x).softmax(-1)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 from .fault_tolerance import NonFiniteLossGuard, ResumeState
 from .lineage import run_record
-from .metrics import accuracy_metrics
+from .metrics import EvaluationSteps, accuracy_metrics
 from .models import TEACHER_KIND, build_teacher, model_meta
 from .optim import optimizer_config
 
 
-class TeacherModule(L.LightningModule):
+class TeacherModule(EvaluationSteps, L.LightningModule):
     """Trains a timm CNN with label-smoothed cross-entropy, AdamW and a warm-up + cosine schedule.
 
     Fields left as None (`num_classes`, `in_chans`, `class_names`, `input_*`) are taken
@@ -120,22 +120,6 @@ class TeacherModule(L.LightningModule):
         logits = self(x)
         for m in metrics.values():
             m.update(logits, y)
-
-    def _log_metrics(self, prefix: str, metrics) -> None:
-        for name, m in metrics.items():
-            self.log(f"{prefix}/{name}", m, prog_bar=name == "acc")
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
-        self._log_metrics("val", self.val_metrics)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
-        self._log_metrics("test", self.test_metrics)
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).softmax(-1)
 
     def on_fit_start(self) -> None:
         # The task fields were filled from the data in setup(); loggers only saw the initial None values.
