@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
 
     def run() -> int:
+        if not args or args[0] in ("-h", "--help"):
+            print(__doc__.strip())
+            print("\nEach command takes --help. Recipes: recipes/<dataset>/{teacher,student}.yaml; "
+                  "`distill fit --help` lists every recipe field.")
+            return 0 if args else 2
         code = _dispatch(args)
         if code is None:
             try:

@@ -225,3 +225,11 @@ def test_resume_continues_the_same_wandb_run(tmp_path, monkeypatch):
     runs = sorted((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one W&B run, written twice
     assert torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["distill_run"]["wandb_id"] == first_id
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit|validate|test|predict", "pipeline", "export", "attention", "predict CKPT"):
+        assert f"distill {command}" in out
+    assert main([]) == 2
