@@ -45,12 +45,17 @@ class ArrayImageDataset(Dataset):
 class ImageFolderDataset(Dataset):
     """`root/<class>/<image>` with classes in sorted order; every image converted to `mode` (L or RGB).
 
-    Files that cannot be decoded are skipped with a counted warning when the dataset is opened; past
-    `max_bad_fraction` of the files it fails instead.
+    Files that cannot be decoded are skipped with a counted warning; past `max_bad_fraction` of the
+    files it fails instead. Folders of up to `verify_limit` images are checked when opened (once per
+    process); larger ones (ImageNet) are checked as they are read, the bad file replaced by the next.
     """
+
+    verify_limit = 200_000
+    _verified: dict[tuple[str, int], list[Path]] = {}  # (root, count) -> unreadable files
 
     def __init__(self, root: Path, classes: Sequence[str], mode: str, transform=None, max_bad_fraction: float = 0.01):
         self.root, self.classes, self.mode, self.transform = Path(root), list(classes), mode, transform
+        self.max_bad_fraction = max_bad_fraction
         samples = []
         for label, c in enumerate(self.classes):
             folder = self.root / c
@@ -60,23 +65,32 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"data.root: {str(self.root)!r} holds no images in class folders; expected {self.root}/<class>/*.jpg")
         self.samples = samples
         self.targets = [t for _, t in samples]
-        self._check_readable(max_bad_fraction)
+        self._bad_seen: set[int] = set()
+        if len(samples) <= self.verify_limit:
+            self._check_readable()
 
-    def _check_readable(self, max_bad_fraction: float) -> None:
-        bad = []
-        for p, _ in self.samples:
-            try:
-                with Image.open(p) as im:
-                    im.verify()
-            except Exception:  # noqa: BLE001 - any decode failure makes the file unusable
-                bad.append(p)
+    def _too_many(self, bad: int, example) -> ValueError:
+        return ValueError(
+            f"data.root: {bad} of {len(self.samples)} images under {str(self.root)!r} are unreadable "
+            f"(e.g. {example}), above data.max_bad_fraction={self.max_bad_fraction}; fix or remove them"
+        )
+
+    def _check_readable(self) -> None:
+        key = (str(self.root.resolve()), len(self.samples))
+        if key not in self._verified:
+            bad = []
+            for p, _ in self.samples:
+                try:
+                    with Image.open(p) as im:
+                        im.verify()
+                except Exception:  # noqa: BLE001 - any decode failure makes the file unusable
+                    bad.append(p)
+            self._verified[key] = bad
+        bad = self._verified[key]
         if not bad:
             return
-        if len(bad) > max_bad_fraction * len(self.samples):
-            raise ValueError(
-                f"data.root: {len(bad)} of {len(self.samples)} images under {str(self.root)!r} are unreadable "
-                f"(e.g. {bad[0]}), above data.max_bad_fraction={max_bad_fraction}; fix or remove them"
-            )
+        if len(bad) > self.max_bad_fraction * len(self.samples):
+            raise self._too_many(len(bad), bad[0])
         log.warning("skipping %d unreadable image(s) under %s, e.g. %s", len(bad), self.root, bad[0])
         bad_set = set(bad)
         self.samples = [s for s in self.samples if s[0] not in bad_set]
@@ -86,9 +100,17 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, target = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert(self.mode)
+        for j in range(i, i + len(self.samples)):
+            path, target = self.samples[j % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    img = im.convert(self.mode)
+                break
+            except Exception:  # noqa: BLE001 - only reached for folders too large to check up front
+                self._bad_seen.add(j % len(self.samples))
+                if len(self._bad_seen) > self.max_bad_fraction * len(self.samples):
+                    raise self._too_many(len(self._bad_seen), path) from None
+                log.warning("skipping unreadable image %s (%d so far in this process)", path, len(self._bad_seen))
         return (self.transform(img) if self.transform else img), target
 
 

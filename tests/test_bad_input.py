@@ -142,3 +142,17 @@ def test_unknown_model_name_suggests_close_names(capsys, tmp_path):
 def test_batch_larger_than_dataset_with_drop_last(capsys, tmp_path):
     line = run_fails(capsys, tmp_path, "--config", TEACHER, "--data.batch_size", "4096")
     assert "data.batch_size=4096" in line and "drop_last" in line
+
+
+def test_large_folders_skip_unreadable_files_while_reading(tmp_path, monkeypatch):
+    from distill.data import ImageFolderDataset
+
+    root = _folder(tmp_path / "data", n_per_class=20, bad=1) / "train"
+    monkeypatch.setattr(ImageFolderDataset, "verify_limit", 10)  # as if the folder were too large to check
+    ds = ImageFolderDataset(root, ["a", "b"], "L", max_bad_fraction=0.1)
+    assert len(ds) == 42  # nothing checked up front
+    labels = [ds[i][1] for i in range(len(ds))]  # the broken files are replaced by their neighbours
+    assert len(ds._bad_seen) == 2 and labels.count(0) == 21
+    strict = ImageFolderDataset(root, ["a", "b"], "L", max_bad_fraction=0.01)
+    with pytest.raises(ValueError, match="unreadable"):
+        [strict[i] for i in range(len(strict))]
