@@ -162,11 +162,23 @@ class DistillCLI(LightningCLI):
             opts = config["wandb"]
             opts = opts if isinstance(opts, dict) else vars(opts)
             resume_id = self._resume_wandb_id(config, root)
-            loggers.append(WandbLogger(
-                project=opts.get("project"), name=opts.get("name"), tags=list(opts.get("tags") or []),
-                entity=opts.get("entity"), group=opts.get("group"), save_dir=str(root),
-                mode=_wandb_mode(opts.get("mode")), id=resume_id, resume="allow" if resume_id else None,
-            ))
+            kwargs = dict(project=opts.get("project"), name=opts.get("name"), tags=list(opts.get("tags") or []),
+                          entity=opts.get("entity"), group=opts.get("group"), save_dir=str(root), id=resume_id,
+                          resume="allow" if resume_id else None)
+            mode = _wandb_mode(opts.get("mode"))
+            logger = WandbLogger(mode=mode, **kwargs)
+            if mode == "online":
+                # Connect now rather than in the middle of training, and fall back to offline when the
+                # server cannot be reached: a run never fails for want of network.
+                os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
+                try:
+                    logger.experiment  # noqa: B018 - starts the run
+                except Exception as e:  # noqa: BLE001 - wandb raises several kinds of network errors
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    log.warning("W&B: cannot reach the server (%s): logging offline; `wandb sync` uploads later", reason)
+                    finish_wandb()
+                    logger = WandbLogger(mode="offline", **kwargs)
+            loggers.append(logger)
         return loggers
 
     def _resume_wandb_id(self, config, root: Path) -> str | None:

@@ -233,3 +233,19 @@ def test_top_level_help_lists_every_command(capsys):
     for command in ("fit|validate|test|predict", "pipeline", "export", "attention", "predict CKPT"):
         assert f"distill {command}" in out
     assert main([]) == 2
+
+
+@pytest.mark.slow
+def test_wandb_without_network_falls_back_to_offline(tmp_path, monkeypatch):
+    # credentials, but the server cannot be reached: the run goes on offline instead of failing
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    root = tmp_path / "run"
+    code = main(["fit", "--config", str(REPO / "recipes/digits/teacher.yaml"), "--model.init_args.model", "cifar_resnet10",
+                 "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root), "--logger", "wandb"])
+    assert code == 0
+    assert len(list((root / "wandb").glob("offline-run-*"))) == 1
+    assert (root / "checkpoints" / "last.ckpt").is_file()
