@@ -166,11 +166,14 @@ class DistillCLI(LightningCLI):
                           entity=opts.get("entity"), group=opts.get("group"), save_dir=str(root), id=resume_id,
                           resume="allow" if resume_id else None)
             mode = _wandb_mode(opts.get("mode"))
+            if mode == "online":
+                import wandb
+
+                kwargs["settings"] = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)))
             logger = WandbLogger(mode=mode, **kwargs)
             if mode == "online":
                 # Connect now rather than in the middle of training, and fall back to offline when the
                 # server cannot be reached: a run never fails for want of network.
-                os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
                 try:
                     logger.experiment  # noqa: B018 - starts the run
                 except Exception as e:  # noqa: BLE001 - wandb raises several kinds of network errors

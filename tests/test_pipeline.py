@@ -223,7 +223,8 @@ def test_resume_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert first_id
     assert main([*base, "--trainer.max_epochs", "2", "--ckpt_path", "last"]) == 0
     runs = sorted((root / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # one W&B run, written twice
+    # one W&B run id, written twice (two folders, or one when both starts fall in the same second)
+    assert runs and all(r.name.endswith(first_id) for r in runs)
     assert torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["distill_run"]["wandb_id"] == first_id
 
 
