@@ -78,3 +78,21 @@ def test_student_with_an_unused_head_trains_under_ddp(single_teacher, tmp_path, 
             "--model.init_args.teacher", str(single_teacher / "checkpoints" / "last.ckpt"),
             "--trainer.default_root_dir", str(tmp_path / "student"))
     assert (tmp_path / "student" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_one_wandb_run_per_job_and_teacher_cache_sharded_by_process(single_teacher, tmp_path):
+    cache = tmp_path / "cache"
+    root = tmp_path / "student"
+    args = ["fit", "--config", STUDENT, *COMMON, *DDP, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "2", "--model.init_args.student.depth", "1",
+            "--model.init_args.student.embed_dim", "32", "--model.init_args.teacher",
+            str(single_teacher / "checkpoints" / "last.ckpt"), "--data.keyed_views", "true",
+            "--model.init_args.teacher_cache.dir", str(cache), "--logger", "wandb",
+            "--trainer.default_root_dir", str(root)]
+    distill(*args)
+    assert len(list((root / "wandb").glob("offline-run-*"))) == 1  # rank zero logs, the other rank does not
+    shards = sorted(p.name for p in cache.glob("shard-*.done.json"))
+    assert shards == ["shard-0000-of-0002.done.json", "shard-0001-of-0002.done.json"]
+    # a second job reads the cache both processes wrote (and checks it against the live teacher)
+    distill(*args[:-1], str(tmp_path / "again"))
+    assert (tmp_path / "again" / "checkpoints" / "last.ckpt").is_file()
