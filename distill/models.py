@@ -213,10 +213,6 @@ def build_student(
     `distilled=False` gives the plain ViT of the same size (one head), for Hinton-style KD or the
     no-distillation baseline. `embed_dim`, `depth`, `num_heads`, `patch_size` override the named size.
     """
-    if patch_size is not None and img_size % patch_size:
-        raise ValueError(
-            f"img_size={img_size} is not divisible by patch_size={patch_size}; choose a patch size that divides it"
-        )
     if distilled and "distilled" not in name:
         raise ValueError(
             f"student {name!r} has no distillation token; use a *_distilled_* model "
@@ -229,12 +225,13 @@ def build_student(
         arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
         drop_path_rate=drop_path_rate, **kwargs, **timm_kwargs,
     )
-    # patch_size=None means the named model's (16 for DeiT): check that one too, or timm silently
-    # drops the pixels past the last whole patch.
-    named_patch = model.patch_embed.patch_size[-1]
-    if img_size % named_patch:
+    # The patch size in effect (given, or the named model's: 16 for DeiT) must divide the image, or
+    # timm silently drops the pixels past the last whole patch.
+    effective_patch = model.patch_embed.patch_size[-1]
+    if img_size % effective_patch:
+        whose = "" if patch_size is not None else f"{name}'s "
         raise ValueError(
-            f"img_size={img_size} is not divisible by {name}'s patch_size={named_patch}; "
+            f"img_size={img_size} is not divisible by {whose}patch_size={effective_patch}; "
             f"choose a patch_size that divides it"
         )
     if distilled:
