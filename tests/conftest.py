@@ -130,3 +130,14 @@ def tiny_student():
 def tiny_teacher_kwargs():
     """TeacherModule keyword arguments of a tiny BatchNorm CNN (cifar_resnet10 at width 8)."""
     return {**TINY_TEACHER, "model_kwargs": dict(TINY_TEACHER["model_kwargs"])}
+
+
+def load_tool(name: str):
+    """A script from tools/ imported as a module (tools/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"distill_tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

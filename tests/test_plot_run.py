@@ -1,23 +1,19 @@
 """tools/plot_run.py: curves of a run from its CSV logs."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_tool
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
 def plot_run():
-    spec = importlib.util.spec_from_file_location("plot_run", ROOT / "tools" / "plot_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("plot_run")
 
 
 def write_log(folder: Path, student: bool, epochs: int = 4, steps_per_epoch: int = 3) -> Path:
