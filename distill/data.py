@@ -414,7 +414,7 @@ class ImageDataModule(L.LightningDataModule):
 
             return device_loader(self, "train")
         if self.hparams.keyed_views:
-            from .teacher_cache import keyed_train_loader
+            from .keyed_views import keyed_train_loader
 
             return keyed_train_loader(self)
         return self._loader(self.train_set, train=True)

@@ -8,16 +8,14 @@ from typing import Any, Literal, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fault_tolerance import NonFiniteLossGuard, ResumeState
+from .frozen_teacher import FrozenTeacher
 from .lineage import run_record
 from .losses import DistillationLoss
 from .metrics import EvaluationSteps, accuracy_metrics
-from .models import (
-    STUDENT_KIND, build_student, build_teacher, load_weights_file, model_meta, set_model_meta, sha256_of, student_heads,
-)
+from .models import STUDENT_KIND, build_student, load_weights_file, model_meta, set_model_meta, student_heads
 from .optim import optimizer_config
 from .teacher_cache import CachedTeacher, TeacherCacheConfig, as_config as _cache_config
 
@@ -51,39 +49,13 @@ class StudentConfig:
     distilled: bool = True
 
 
-class TeacherInput(nn.Module):
-    """Turns a batch normalised for the student into what the teacher expects: other channels, other
-    mean/std, other input size. The identity when both agree."""
-
-    def __init__(self, src_mean, src_std, dst_mean, dst_std, src_chans: int, dst_chans: int, dst_size: int | None):
-        super().__init__()
-        self.dst_chans, self.dst_size = dst_chans, dst_size
-        self.channels_differ = src_chans != dst_chans
-        self.renormalise = self.channels_differ or tuple(src_mean) != tuple(dst_mean) or tuple(src_std) != tuple(dst_std)
-        view = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
-        self.register_buffer("src_mean", view(src_mean), persistent=False)
-        self.register_buffer("src_std", view(src_std), persistent=False)
-        self.register_buffer("dst_mean", view(dst_mean), persistent=False)
-        self.register_buffer("dst_std", view(dst_std), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.renormalise:
-            x = x * self.src_std.to(x.dtype) + self.src_mean.to(x.dtype)
-            if self.channels_differ:  # grayscale <-> RGB
-                x = x.mean(1, keepdim=True).expand(-1, self.dst_chans, -1, -1) if self.dst_chans != 1 else x.mean(1, keepdim=True)
-            x = (x - self.dst_mean.to(x.dtype)) / self.dst_std.to(x.dtype)
-        if self.dst_size and x.shape[-1] != self.dst_size:
-            x = F.interpolate(x, size=(self.dst_size, self.dst_size), mode="bilinear", align_corners=False, antialias=True)
-        return x
-
-
 class DistillModule(EvaluationSteps, L.LightningModule):
     """DeiT's step 2: a student ViT learns from the ground truth and from a frozen teacher.
 
-    The teacher is frozen for good: no gradients, never in train mode (also across Lightning's
-    validation mode switches), not in the optimizer and not in checkpoints. The checkpoint records its
-    identity (path, sha256, architecture) instead, and loading or resuming reloads it from there.
-    Training losses are logged every `trainer.log_every_n_steps` steps (and on the first and last).
+    The teacher is a `distill.frozen_teacher.FrozenTeacher`: frozen for good (no gradients, never in
+    train mode), not in the optimizer and not in checkpoints. The checkpoint records its identity
+    (path, sha256, architecture) instead, and loading or resuming reloads it from there. This module
+    keeps the student, the loss and the steps. Training losses are logged every `trainer.log_every_n_steps` steps (and on the first and last).
 
     Args:
         student: a `StudentConfig` (recipes), or a model from `distill.build_student` (Python API).
@@ -145,12 +117,11 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         self.hparams["loss"] = self.loss.config()
         self.teacher_cache_config = _cache_config(teacher_cache)
         self.hparams["teacher_cache"] = asdict(self.teacher_cache_config) if self.teacher_cache_config else None
-        self._cached_teacher: CachedTeacher | None = None
-        self._teacher_cast: torch.dtype | None = None
-        self._speed_applied = False
 
-        self.teacher = self._load_teacher(teacher, teacher_sha256, teacher_model)
-        self.teacher_input: nn.Module = nn.Identity()
+        self.teacher = FrozenTeacher.load(teacher, teacher_sha256, teacher_model) if teacher is not None else None
+        self.hparams["teacher"] = self.teacher.identity.get("path") if self.teacher is not None else None
+        if self.teacher is not None and self.teacher.identity.get("sha256"):
+            self.hparams["teacher_sha256"] = self.teacher.identity["sha256"]
 
         if isinstance(student, dict):
             student = StudentConfig(**student)
@@ -161,96 +132,29 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         else:
             self._fill_student_config()
         self.student_ema = None
+        self._ema_step = 0  # global_step of the last EMA update: once per optimizer step
+        self._student_compiled = False
         if self.student is None and self._config_complete():
             self.configure_model()
 
-    # ------------------------------------------------------------------------------ the teacher
-    def _load_teacher(self, teacher, expected_sha256: str | None, arch: str | None) -> nn.Module | None:
-        self.teacher_identity: dict[str, Any] = {}
-        if teacher is None:
-            self.hparams["teacher"] = None
-            return None
-        if isinstance(teacher, (str, os.PathLike)):
-            path = Path(teacher).expanduser().resolve()
-            if not path.is_file():
-                raise FileNotFoundError(f"model.teacher: teacher checkpoint {str(path)!r} does not exist; train step 1 first or fix the path")
-            digest = sha256_of(path)
-            if expected_sha256 and digest != expected_sha256:
-                raise ValueError(
-                    f"model.teacher: {str(path)!r} has sha256 {digest[:12]}... but this run was trained with "
-                    f"{expected_sha256[:12]}...; the teacher file changed since, restore it or start a new run"
-                )
-            obj = load_weights_file(path)
-            if (obj.get("hyper_parameters") or {}).get("distill_kind") == STUDENT_KIND:
-                raise ValueError(f"model.teacher: {str(path)!r} is a student (step 2) checkpoint; pass a teacher "
-                                 f"(step 1) checkpoint")
-            if arch is None and not (obj.get("hyper_parameters") or {}).get("model"):
-                raise ValueError(f"model.teacher: {str(path)!r} is a plain state_dict; name its architecture with "
-                                 f"model.teacher_model (e.g. regnety_160)")
-            teacher = build_teacher(arch or obj["hyper_parameters"]["model"], checkpoint=obj)
-            self.hparams["teacher"] = str(path)
-            self.hparams["teacher_sha256"] = digest
-            run = obj.get("distill_run") or {}
-            self.teacher_identity = dict(path=str(path), sha256=digest, run_id=run.get("wandb_id"),
-                                         run_dir=run.get("run_dir"), val_acc=(run.get("metrics") or {}).get("val/acc"))
-        else:
-            self.hparams["teacher"] = None
-        meta = model_meta(teacher)
-        self.teacher_identity.update(architecture=meta["name"], num_classes=meta["num_classes"],
-                                     class_names=meta["class_names"], img_size=meta["img_size"])
-        teacher.eval()
-        teacher.requires_grad_(False)
-        return teacher
-
-    def _teacher_task(self) -> dict[str, Any]:
-        if self.teacher is None:
-            return {}
-        meta = model_meta(self.teacher)
-        return dict(num_classes=meta["num_classes"], in_chans=meta["in_chans"], img_size=meta["img_size"])
+    @property
+    def teacher_identity(self) -> dict[str, Any]:
+        """The teacher's lineage (path, sha256, architecture, classes, W&B run, accuracy)."""
+        return dict(self.teacher.identity) if self.teacher is not None else {}
 
     def train(self, mode: bool = True) -> "DistillModule":
-        # Lightning flips modules between train and eval around validation; the teacher (and the EMA
-        # copy) must stay in eval for good, so BatchNorm statistics and dropout never change.
+        # Lightning flips modules between train and eval around validation; the EMA copy must stay in
+        # eval for good (the FrozenTeacher keeps itself in eval).
         super().train(mode)
-        for frozen in (self.teacher, self.student_ema):
-            if frozen is not None:
-                frozen.eval()
+        if self.student_ema is not None:
+            self.student_ema.eval()
         return self
 
-    @torch.no_grad()
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.teacher_input(x)
-        if self._teacher_cast is not None:
-            x = x.to(self._teacher_cast)
-        if self.hparams.teacher_channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.teacher(x)
-
-    def _apply_speed_options(self) -> None:
-        """teacher_dtype, teacher_channels_last and compile_*, once, when fitting starts (the precision
-        is known and the models are on their device). The teacher's weights are fingerprinted first
-        when a cache is on, so the cache identifies the teacher whatever dtype it runs in."""
-        if self._speed_applied:
-            return
-        self._speed_applied = True
-        hp = self.hparams
-        if self.teacher is not None:
-            if self.teacher_cache_config is not None and "weights_sha256" not in self.teacher_identity:
-                from .teacher_cache import weights_sha256
-
-                self.teacher_identity["weights_sha256"] = weights_sha256(self.teacher)
-            name = hp.teacher_dtype
-            if name is None and self._trainer is not None and str(self.trainer.precision) == "bf16-mixed":
-                name = "bfloat16"
-            self._teacher_cast = getattr(torch, name) if name and name != "float32" else None
-            if self._teacher_cast is not None:
-                self.teacher.to(dtype=self._teacher_cast)
-            if hp.teacher_channels_last:
-                self.teacher.to(memory_format=torch.channels_last)
-            if hp.compile_teacher:
-                self.teacher.compile()
-        if hp.compile_student and self.student is not None:
-            self.student.compile()
+    def _teacher_dtype(self) -> torch.dtype | None:
+        name = self.hparams.teacher_dtype
+        if name is None and self._trainer is not None and str(self.trainer.precision) == "bf16-mixed":
+            name = "bfloat16"
+        return getattr(torch, name) if name else None
 
     # ---------------------------------------------------------------------------------- set-up
     def _fill_student_config(self, **values) -> None:
@@ -275,19 +179,12 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         self.hparams["data"] = dict(class_names=list(dm.class_names), mean=list(dm.mean), std=list(dm.std),
                                     img_size=dm.img_size, in_chans=dm.in_chans)
         if self.teacher is not None:
-            t = model_meta(self.teacher)
-            self.teacher_input = TeacherInput(dm.mean, dm.std, t["mean"], t["std"], dm.in_chans, t["in_chans"], t["img_size"])
+            self.teacher.adapt_to(dm.mean, dm.std, dm.in_chans)
 
     def _check_classes(self, dm) -> None:
         n, names = dm.num_classes, list(dm.class_names)
         if self.teacher is not None:
-            t = model_meta(self.teacher)
-            if t["num_classes"] != n:
-                raise ValueError(f"model.teacher: the teacher predicts {t['num_classes']} classes but the data has {n}; "
-                                 f"use a teacher trained on this data")
-            if t["class_names"] is not None and list(t["class_names"]) != names:
-                raise ValueError(f"model.teacher: the teacher's classes {t['class_names'][:4]}... differ in order or "
-                                 f"name from the data's {names[:4]}...; use a teacher trained on this data")
+            self.teacher.check_task(n, names)
         if self.student is not None and model_meta(self.student)["num_classes"] != n:
             raise ValueError(f"model.student: the student has {model_meta(self.student)['num_classes']} classes but the data has {n}")
         if self.loss.needs_teacher and self.teacher is None:
@@ -295,7 +192,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def configure_model(self) -> None:
         if self.student is None:
-            self._fill_student_config(**self._teacher_task())  # no datamodule: the teacher's task
+            self._fill_student_config(**(self.teacher.task if self.teacher is not None else {}))  # no datamodule
             if not self._config_complete():
                 raise ValueError("DistillModule: the student's num_classes/img_size/in_chans are unknown; "
                                  "set them in model.student or train with a datamodule")
@@ -321,10 +218,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]  # (x, y) or (x, y, keys) with data.keyed_views
-        if self._cached_teacher is not None and self.loss.needs_teacher:
-            z_t = self._cached_teacher(self, batch)
-        else:
-            z_t = self.teacher_logits(x) if self.loss.needs_teacher else None
+        z_t = self.teacher.training_logits(batch) if self.loss.needs_teacher else None
         out = self.student(x)
         terms = self.loss(out, z_t, y)
         total = terms.total
@@ -354,8 +248,14 @@ class DistillModule(EvaluationSteps, L.LightningModule):
                 or batch_idx + 1 >= trainer.num_training_batches
                 or 0 < trainer.max_steps <= step)
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step  # also after a resume
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.student_ema is not None:
+        # Once per optimizer step, not per micro-batch: with gradient accumulation global_step only
+        # advances on the micro-batch where the optimizer stepped.
+        if self.student_ema is not None and self.global_step > self._ema_step:
+            self._ema_step = self.global_step
             self.student_ema.update(self.student, step=self.global_step)
 
     def _eval_step(self, batch, metrics: nn.ModuleDict) -> None:
@@ -368,7 +268,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         if "acc_top5" in metrics:
             metrics["acc_top5"].update(fused, y)
         if self.teacher is not None:
-            z_t = self.teacher_logits(x)
+            z_t = self.teacher(x)
             metrics["acc_teacher"].update(z_t, y)
             metrics["agreement"].update(fused, z_t.argmax(-1))
             if "acc_teacher_top5" in metrics:
@@ -382,12 +282,20 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_fit_start(self) -> None:
-        self._apply_speed_options()
-        if self.teacher_cache_config is not None and self.loss.needs_teacher and self._cached_teacher is None:
-            from .teacher_cache import open_for_module
+        hp, cache_cfg = self.hparams, self.teacher_cache_config
+        use_cache = cache_cfg is not None and self.loss.needs_teacher and self.teacher is not None
+        if self.teacher is not None:
+            if use_cache:
+                self.teacher.fingerprint()  # before any dtype cast: the cache identifies the teacher by it
+            self.teacher.prepare(self._teacher_dtype(), hp.teacher_channels_last, hp.compile_teacher)
+            if use_cache and self.teacher.cache is None:
+                from .teacher_cache import open_cache
 
-            self._cached_teacher = CachedTeacher(open_for_module(self), self.teacher_cache_config.verify_batches,
-                                                 str(self.trainer.precision))
+                cache = open_cache(self.teacher, cache_cfg, self.trainer, self.device)
+                self.teacher.attach_cache(CachedTeacher(cache, cache_cfg.verify_batches, str(self.trainer.precision)))
+        if hp.compile_student and self.student is not None and not self._student_compiled:
+            self._student_compiled = True
+            self.student.compile()
         # The teacher's lineage travels with the student run (W&B config, CSV hparams).
         resolved = {"student": dict(self.hparams["student"]), "data": dict(self.hparams.get("data") or {})}
         if self.teacher_identity:

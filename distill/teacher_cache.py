@@ -36,18 +36,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
+
+from .keyed_views import KeyedViews, collate_keyed
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -123,90 +123,6 @@ def dataset_fingerprint(dataset: Any, class_names: Sequence[str] | None = None) 
                 item = item.detach().cpu().numpy() if torch.is_tensor(item) else np.asarray(item)
                 h.update(np.ascontiguousarray(item).tobytes())
     return dict(num_samples=n, class_names=list(class_names) if class_names is not None else None, sha256=h.hexdigest())
-
-
-# ------------------------------------------------------------------------------------ keyed views
-def view_seed(seed: int, view: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{view}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-@contextmanager
-def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed python, numpy and torch's CPU generator for one sample, then restore them, so training
-    randomness elsewhere (mixup, dropout) is untouched when workers are off."""
-    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(th)
-
-
-class KeyedViews(Dataset):
-    """Wraps a map-style dataset with a random transform so that view `v` of sample `i` is drawn from
-    an RNG seeded by `(seed, v, i)`: replaying it gives the same bytes, whatever the worker count.
-
-    Indexed by `key = v * len(dataset) + i` (what `ViewKeySampler` yields); returns `(x, y, [i, v])`.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, int(seed)
-        self.n = len(dataset)  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key: int):
-        view, i = divmod(int(key), self.n)
-        with seeded_rngs(view_seed(self.seed, view, i)):
-            x, y = self.dataset[i]
-        return x, y, np.array([i, view], dtype=np.int64)
-
-
-def collate_keyed(samples: list) -> tuple:
-    """default_collate for (x, y) and a host-side int64 numpy array of keys (B, 2): numpy arrays are
-    not moved to the GPU by Lightning, so looking keys up never waits for the device."""
-    from torch.utils.data import default_collate
-
-    x, y = default_collate([(s[0], s[1]) for s in samples])
-    return x, y, np.stack([s[2] for s in samples])
-
-
-class ViewKeySampler(DistributedSampler):
-    """A DistributedSampler (so Lightning neither replaces it nor forgets `set_epoch`) that yields
-    `view * N + i`, with `view = epoch % view_epochs` (or the epoch itself when view_epochs is None)."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, view_epochs: int | None = None) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.view_epochs = view_epochs
-
-    def view(self) -> int:
-        return self.epoch % self.view_epochs if self.view_epochs else self.epoch
-
-    def __iter__(self):
-        n, v = len(self.dataset), self.view()  # type: ignore[arg-type]
-        return (v * n + int(i) for i in super().__iter__())
-
-
-def keyed_train_loader(dm, shuffle: bool = True) -> DataLoader:
-    """The training DataLoader of an `ImageDataModule` with `keyed_views: true`."""
-    hp = dm.hparams
-    trainer = getattr(dm, "trainer", None)
-    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    ds = KeyedViews(dm.train_set, hp.seed)
-    sampler = ViewKeySampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed,
-                             view_epochs=hp.view_epochs)
-    return DataLoader(
-        ds, batch_size=dm.batch_size, sampler=sampler, drop_last=hp.drop_last, num_workers=dm.num_workers,
-        collate_fn=collate_keyed, pin_memory=hp.pin_memory and torch.cuda.is_available(),
-        persistent_workers=hp.persistent_workers and dm.num_workers > 0,
-    )
 
 
 # ------------------------------------------------------------------------------------------- storage
@@ -445,7 +361,7 @@ def has_cache(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
 
 
-# ------------------------------------------------------------------------------ DistillModule glue
+# ------------------------------------------------------------------------------ FrozenTeacher glue
 def teacher_fields(identity: dict[str, Any], teacher_input: nn.Module) -> dict[str, Any]:
     """The manifest's `teacher` entry: weights sha256, architecture, classes and the input it expects
     (`TeacherInput`'s mean/std and size; the data's own normalisation is part of the transform)."""
@@ -458,22 +374,24 @@ def teacher_fields(identity: dict[str, Any], teacher_input: nn.Module) -> dict[s
                 input=dict(mean=values("dst_mean"), std=values("dst_std"), size=getattr(teacher_input, "dst_size", None)))
 
 
-def module_manifest(module, dm=None) -> dict[str, Any]:
-    """The manifest fields that identify the live set-up of a DistillModule (and its datamodule)."""
-    t = module.teacher_identity
-    fields: dict[str, Any] = dict(teacher=teacher_fields(t, module.teacher_input), precision=_precision(module))
-    cfg = module.teacher_cache_config
-    fields.update(topk=min(int(cfg.topk), t.get("num_classes") or cfg.topk) if cfg.topk else None, dtype=cfg.dtype)
+def cache_manifest(teacher, cfg: TeacherCacheConfig, trainer=None, dm=None) -> dict[str, Any]:
+    """The manifest fields that identify the live set-up: the teacher (`FrozenTeacher`, or an ensemble
+    with `members`: every member's fingerprint), the precision, storage and, with a datamodule, the data
+    and the transform that draws the views."""
+    members = getattr(teacher, "members", None)
+    if members is not None:
+        described = [teacher_fields(m.identity, m.input) for m in members]
+        teacher_entry: Any = dict(members=described, combine=teacher.combine)
+    else:
+        teacher_entry = teacher_fields(teacher.identity, teacher.input)
+    num_classes = teacher.identity.get("num_classes")
+    fields: dict[str, Any] = dict(teacher=teacher_entry, precision=str(trainer.precision) if trainer is not None else None)
+    fields.update(topk=min(int(cfg.topk), num_classes or cfg.topk) if cfg.topk else None, dtype=cfg.dtype)
     if dm is not None:
         source = _view_source(dm)
         fields.update(data=dataset_fingerprint(source["dataset"], list(dm.class_names)),
                       transform=source["transform"], seed=int(dm.hparams.seed))
     return fields
-
-
-def _precision(module) -> str | None:
-    trainer = getattr(module, "_trainer", None)
-    return str(trainer.precision) if trainer is not None else None
 
 
 def _view_source(dm) -> dict[str, Any]:
@@ -490,7 +408,7 @@ def _view_source(dm) -> dict[str, Any]:
     return dict(dataset=ds, transform=transform_repr(getattr(ds, "transform", None)), loader=None)
 
 
-def _build_batches(module, dm, views: int, rank: int, world: int, batch_size: int | None) -> Iterable[tuple]:
+def _build_batches(dm, views: int, rank: int, world: int, batch_size: int | None) -> Iterable[tuple]:
     """(x, y, keys) batches over this rank's samples and all views, augmented as training will."""
     if dm.hparams.get("on_device"):
         loader = _view_source(dm)["loader"]
@@ -502,14 +420,13 @@ def _build_batches(module, dm, views: int, rank: int, world: int, batch_size: in
                       collate_fn=collate_keyed, pin_memory=torch.cuda.is_available())
 
 
-def open_for_module(module) -> TeacherCache:
-    """Opens (building it first when missing and allowed) the cache of a DistillModule at fit start and
+def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> TeacherCache:
+    """Opens (building it first when missing and allowed) the cache of a frozen teacher at fit start and
     checks it against the live teacher, data and transforms. Every rank builds its own shard."""
-    cfg: TeacherCacheConfig = module.teacher_cache_config
-    trainer = module.trainer
     dm = getattr(trainer, "datamodule", None)
     directory = Path(cfg.dir).expanduser()
-    expected = module_manifest(module, dm)
+    expected = cache_manifest(teacher, cfg, trainer, dm)
+    num_classes = teacher.identity["num_classes"]
     if dm is None:  # Python API with hand-made (x, y, keys) batches: only the teacher can be checked here
         if not has_cache(directory):
             raise ValueError("model.teacher_cache: building a cache needs an ImageDataModule with keyed_views: true")
@@ -527,19 +444,14 @@ def open_for_module(module) -> TeacherCache:
         if not cfg.build:
             raise FileNotFoundError(f"model.teacher_cache: {str(directory)!r} holds no cache and build is false")
         rank, world = trainer.global_rank, trainer.world_size
-        batches = _build_batches(module, dm, views, rank, world, cfg.batch_size)
-        was_training = module.training
-        module.eval()  # the teacher is always in eval; this only keeps the student's mode out of it
-        build_cache(directory, module.teacher_logits, batches, num_samples=expected["data"]["num_samples"],
-                    num_classes=module.teacher_identity["num_classes"], views=views, topk=cfg.topk, dtype=cfg.dtype,
-                    rank=rank, world_size=world, device=module.device,
+        batches = _build_batches(dm, views, rank, world, cfg.batch_size)
+        build_cache(directory, teacher, batches, num_samples=expected["data"]["num_samples"], num_classes=num_classes,
+                    views=views, topk=cfg.topk, dtype=cfg.dtype, rank=rank, world_size=world, device=device,
                     autocast=trainer.precision_plugin.forward_context)
-        module.train(was_training)
         trainer.strategy.barrier("teacher_cache_build")
         if rank == 0:
-            write_manifest(directory, expected, num_samples=expected["data"]["num_samples"],
-                           num_classes=module.teacher_identity["num_classes"], views=views, topk=expected["topk"],
-                           dtype=cfg.dtype, world_size=world)
+            write_manifest(directory, expected, num_samples=expected["data"]["num_samples"], num_classes=num_classes,
+                           views=views, topk=expected["topk"], dtype=cfg.dtype, world_size=world)
         trainer.strategy.barrier("teacher_cache_manifest")
     cache = TeacherCache(directory)
     cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "topk", "dtype")})
@@ -553,16 +465,18 @@ def open_for_module(module) -> TeacherCache:
 
 
 class CachedTeacher:
-    """What DistillModule's training step calls instead of the live teacher."""
+    """What a `FrozenTeacher` reads its training logits from once a cache is attached: the stored
+    outputs of the batch's views, checked against the live teacher on the first `verify_batches`."""
 
     def __init__(self, cache: TeacherCache, verify_batches: int, precision: str | None) -> None:
         self.cache, self.to_verify, self.precision = cache, int(verify_batches), precision
 
-    def __call__(self, module, batch) -> torch.Tensor:
+    def __call__(self, teacher, batch) -> torch.Tensor:
         if len(batch) < 3:
             raise ValueError("model.teacher_cache needs batches (x, y, keys): set data.keyed_views: true")
-        z = self.cache.logits(batch[2], module.device)
+        x = batch[0]
+        z = self.cache.logits(batch[2], x.device)
         if self.to_verify > 0:
             self.to_verify -= 1
-            self.cache.verify(z, module.teacher_logits(batch[0]), self.precision)
+            self.cache.verify(z, teacher(x), self.precision)
         return z

@@ -21,7 +21,7 @@ from distill import (
     load_student,
     model_meta,
 )
-from distill.student import TeacherInput
+from distill.frozen_teacher import TeacherInput
 
 VAL_NAMES = ("val/acc", "val/acc_cls", "val/acc_dist", "val/acc_teacher", "val/agreement")
 TRAIN_NAMES = ("train/loss", "train/loss_ce", "train/loss_distill")
@@ -75,7 +75,7 @@ def test_teacher_frozen_through_fit_and_validate(trainer_factory, tiny_student):
     assert any(k.endswith("running_mean") for k in before)
     module = DistillModule(StudentConfig(**tiny_student), teacher=teacher,
                            loss=DistillationLoss("soft", alpha=0.5, tau=2.0), warmup_epochs=0)
-    assert module.teacher is teacher and not teacher.training
+    assert module.teacher.network is teacher and not teacher.training
     trainer = trainer_factory(max_steps=3, limit_val_batches=2, val_check_interval=2)
     trainer.fit(module, dm)
     trainer.validate(module, dm, verbose=False)
@@ -155,7 +155,7 @@ def test_load_from_checkpoint_reloads_teacher_from_its_file(trainer_factory, tea
 
     loaded = DistillModule.load_from_checkpoint(path)
     expected_teacher = build_teacher("cifar_resnet10", checkpoint=teacher_file)
-    assert_same_state(snapshot(expected_teacher), snapshot(loaded.teacher))
+    assert_same_state(snapshot(expected_teacher), snapshot(loaded.teacher.network))
     assert not loaded.teacher.training and not any(p.requires_grad for p in loaded.teacher.parameters())
     assert_same_state(snapshot(module.student), snapshot(loaded.student))
     x = torch.randn(3, 1, 8, 8)
@@ -191,7 +191,7 @@ def test_resume_reloads_teacher_and_refuses_a_changed_one(trainer_factory, teach
     module = make()
     resumed.fit(module, dm, ckpt_path=path)
     assert resumed.global_step == 3  # continued from step 2
-    assert "teacher.stem.0.weight" in dict(module.named_parameters())
+    assert "teacher.network.stem.0.weight" in dict(module.named_parameters())
 
     change_teacher_file(teacher_file)
     again = trainer_factory(max_steps=4, limit_val_batches=0)
@@ -256,6 +256,23 @@ def test_ema_logs_acc_ema_and_copies_only_the_student(trainer_factory, tiny_stud
     assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), module.student.parameters()))
     in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert not in_optimizer & {id(p) for p in ema.parameters()}
+
+
+def test_ema_updates_once_per_optimizer_step_under_gradient_accumulation(trainer_factory, tiny_student):
+    dm = digits()
+    module = DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm), ema_decay=0.9, warmup_epochs=0)
+    steps = []
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            update = pl_module.student_ema.update
+            pl_module.student_ema.update = lambda model, step=None: (steps.append(step), update(model, step=step))
+
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=6, limit_val_batches=0, accumulate_grad_batches=2,
+                              callbacks=[Spy()])
+    trainer.fit(module, dm)
+    assert trainer.global_step == 3
+    assert steps == [1, 2, 3]  # after each optimizer step, never after a micro-batch that only accumulated
 
 
 def test_teacher_with_other_classes_refused_before_first_step(trainer_factory, tiny_student):
@@ -373,7 +390,7 @@ def test_teacher_with_other_mean_std_size_and_channels_gets_converted_input(trai
     corr = torch.corrcoef(torch.stack([blocks.flatten(), expected_small.flatten()]))[0, 1]
     assert corr > 0.9
     # and exactly the conversion TeacherInput is documented to do
-    torch.testing.assert_close(t_in, module.teacher_input(x))
+    torch.testing.assert_close(t_in, module.teacher.input(x))
     assert "val/acc_teacher" in trainer.callback_metrics and "val/acc_top5" not in trainer.callback_metrics
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from distill import DistillModule, ImageDataModule, build_teacher
+from distill.keyed_views import KeyedViews
 from distill.teacher_cache import (
-    KeyedViews, TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
+    TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
     write_manifest,
 )
 
@@ -117,12 +118,12 @@ def test_module_builds_cache_that_matches_live_teacher_on_replayed_views(built):
     assert (m["views"], m["topk"], m["dtype"], m["num_samples"]) == (1, 5, "float16", len(built["dm"].train_set))
     assert "RandomCrop" in m["transform"] and m["teacher"]["weights_sha256"] == weights_sha256(tiny_teacher(in_chans=1))
     module, dm = built["module"], built["dm"]
-    assert module._cached_teacher is not None and module._cached_teacher.to_verify == 0  # checked, then used
+    assert module.teacher.cache is not None and module.teacher.cache.to_verify == 0  # checked, then used
     views = KeyedViews(dm.train_set, dm.hparams.seed)
     items = [views[i] for i in (0, 17, 400, len(views) - 1)]
     x = torch.stack([it[0] for it in items])
     keys = np.stack([it[2] for it in items])
-    live = module.teacher_logits(x).float()
+    live = module.teacher(x).float()
     z = cache.logits(keys)
     assert torch.equal(z.argmax(-1), live.argmax(-1))
     top = z.topk(5, dim=-1).indices
@@ -136,7 +137,7 @@ def test_training_batches_carry_keys_and_old_batches_still_work(built, trainer_f
     dm = ImageDataModule("digits", img_size=8, batch_size=64)
     module = DistillModule(student=dict(STUDENT), teacher=built["teacher"], warmup_epochs=0)
     trainer_factory(max_steps=2, limit_val_batches=0).fit(module, dm)
-    assert module._cached_teacher is None
+    assert module.teacher.cache is None
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,180 @@
+"""The frozen teacher of step 2, as one object: where it comes from, how it is frozen, what input it
+expects, how it runs (dtype, memory format, compiled), where its outputs come from (live or the
+teacher-output cache) and what identifies it in the student's lineage.
+
+`DistillModule` holds one `FrozenTeacher` (or a `TeacherEnsemble` of several) and only asks it for
+logits; everything about the teacher lives here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import STUDENT_KIND, build_teacher, load_weights_file, model_meta, sha256_of
+
+
+class TeacherInput(nn.Module):
+    """Turns a batch normalised for the student into what the teacher expects: other channels, other
+    mean/std, other input size. The identity when both agree."""
+
+    def __init__(self, src_mean, src_std, dst_mean, dst_std, src_chans: int, dst_chans: int, dst_size: int | None):
+        super().__init__()
+        self.dst_chans, self.dst_size = dst_chans, dst_size
+        self.channels_differ = src_chans != dst_chans
+        self.renormalise = self.channels_differ or tuple(src_mean) != tuple(dst_mean) or tuple(src_std) != tuple(dst_std)
+        view = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+        self.register_buffer("src_mean", view(src_mean), persistent=False)
+        self.register_buffer("src_std", view(src_std), persistent=False)
+        self.register_buffer("dst_mean", view(dst_mean), persistent=False)
+        self.register_buffer("dst_std", view(dst_std), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.renormalise:
+            x = x * self.src_std.to(x.dtype) + self.src_mean.to(x.dtype)
+            if self.channels_differ:  # grayscale <-> RGB
+                x = x.mean(1, keepdim=True).expand(-1, self.dst_chans, -1, -1) if self.dst_chans != 1 else x.mean(1, keepdim=True)
+            x = (x - self.dst_mean.to(x.dtype)) / self.dst_std.to(x.dtype)
+        if self.dst_size and x.shape[-1] != self.dst_size:
+            x = F.interpolate(x, size=(self.dst_size, self.dst_size), mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher network that never learns and never leaves eval mode.
+
+    - Frozen for good: no gradients, `train()` is a no-op (BatchNorm statistics and dropout never
+      change, also across Lightning's train/eval switches around validation). The owner keeps it out
+      of the optimizer and out of checkpoints (its weights are reloaded from `identity["path"]`).
+    - `adapt_to(mean, std, in_chans)`: `TeacherInput` between the student's data and what the
+      teacher was trained on.
+    - `prepare(dtype, channels_last, compile)`: speed options, applied once when fitting starts.
+    - `forward(x)`: logits on the live network; `training_logits(batch)` reads the teacher-output cache
+      when one is attached (`attach_cache`) and the batch names its views.
+    - `identity`: path, sha256, architecture, classes, W&B run id and accuracy of the step-1 run, for
+      the student's lineage and for the cache's fingerprint.
+    """
+
+    def __init__(self, network: nn.Module, identity: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.network = network
+        network.eval()
+        network.requires_grad_(False)
+        meta = model_meta(network)
+        self.identity: dict[str, Any] = dict(identity or {})
+        self.identity.update(architecture=meta["name"], num_classes=meta["num_classes"],
+                             class_names=meta["class_names"], img_size=meta["img_size"])
+        self.input: nn.Module = nn.Identity()
+        self._cast: torch.dtype | None = None
+        self._channels_last = False
+        self._prepared = False
+        self.cache = None  # a distill.teacher_cache.CachedTeacher once attached
+        self.eval()
+
+    # ------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, source: "str | os.PathLike | nn.Module | FrozenTeacher", expected_sha256: str | None = None,
+             arch: str | None = None, field: str = "model.teacher") -> "FrozenTeacher":
+        """From a step-1 checkpoint, a plain state_dict or safetensors file (`arch` names its timm
+        architecture), or a network built with `distill.build_teacher`. `expected_sha256`: refuse a
+        file whose digest differs (the file changed since the student was trained)."""
+        if isinstance(source, FrozenTeacher):
+            return source
+        if isinstance(source, nn.Module):
+            return cls(source)
+        path = Path(source).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"{field}: teacher checkpoint {str(path)!r} does not exist; train step 1 first or fix the path")
+        digest = sha256_of(path)
+        if expected_sha256 and digest != expected_sha256:
+            raise ValueError(
+                f"{field}: {str(path)!r} has sha256 {digest[:12]}... but this run was trained with "
+                f"{expected_sha256[:12]}...; the teacher file changed since, restore it or start a new run"
+            )
+        obj = load_weights_file(path)
+        hp = obj.get("hyper_parameters") or {}
+        if hp.get("distill_kind") == STUDENT_KIND:
+            raise ValueError(f"{field}: {str(path)!r} is a student (step 2) checkpoint; pass a teacher (step 1) checkpoint")
+        if arch is None and not hp.get("model"):
+            raise ValueError(f"{field}: {str(path)!r} is a plain state_dict; name its architecture with "
+                             f"model.teacher_model (e.g. regnety_160)")
+        network = build_teacher(arch or hp["model"], checkpoint=obj)
+        run = obj.get("distill_run") or {}
+        identity = dict(path=str(path), sha256=digest, run_id=run.get("wandb_id"), run_dir=run.get("run_dir"),
+                        val_acc=(run.get("metrics") or {}).get("val/acc"), split=hp.get("data_split"))
+        return cls(network, identity)
+
+    # ------------------------------------------------------------------------------ the task
+    @property
+    def meta(self) -> dict[str, Any]:
+        return model_meta(self.network)
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """The task the teacher was trained for: what a student built without data defaults to."""
+        meta = self.meta
+        return dict(num_classes=meta["num_classes"], in_chans=meta["in_chans"], img_size=meta["img_size"])
+
+    def check_task(self, num_classes: int, class_names: Sequence[str], field: str = "model.teacher") -> None:
+        meta = self.meta
+        if meta["num_classes"] != num_classes:
+            raise ValueError(f"{field}: the teacher predicts {meta['num_classes']} classes but the data has {num_classes}; "
+                             f"use a teacher trained on this data")
+        if meta["class_names"] is not None and list(meta["class_names"]) != list(class_names):
+            raise ValueError(f"{field}: the teacher's classes {meta['class_names'][:4]}... differ in order or "
+                             f"name from the data's {list(class_names)[:4]}...; use a teacher trained on this data")
+
+    def adapt_to(self, mean: Sequence[float], std: Sequence[float], in_chans: int) -> None:
+        """Feed the teacher from batches normalised with the data's `mean`/`std` and `in_chans`."""
+        meta = self.meta
+        self.input = TeacherInput(mean, std, meta["mean"], meta["std"], in_chans, meta["in_chans"], meta["img_size"])
+
+    # ------------------------------------------------------------------------ running it
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)  # frozen for good: never in train mode
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights (computed once, before any dtype cast): the cache's teacher identity."""
+        if "weights_sha256" not in self.identity:
+            from .teacher_cache import weights_sha256
+
+            self.identity["weights_sha256"] = weights_sha256(self.network)
+        return self.identity["weights_sha256"]
+
+    def prepare(self, dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool = False) -> None:
+        """Speed options, applied once (call `fingerprint()` first when a cache will be used): keep weights and inputs in `dtype` (no per-step autocast casts),
+        channels_last memory format (faster convolutions on GPU), `torch.compile`."""
+        if self._prepared:
+            return
+        self._prepared = True
+        self._cast = dtype if dtype not in (None, torch.float32) else None
+        if self._cast is not None:
+            self.network.to(dtype=self._cast)
+        self._channels_last = channels_last
+        if channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        if compile:
+            self.network.compile()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input(x)
+        if self._cast is not None:
+            x = x.to(self._cast)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.network(x)
+
+    def attach_cache(self, cached) -> None:
+        self.cache = cached
+
+    def training_logits(self, batch) -> torch.Tensor:
+        """The teacher's logits for a training batch: from the cache when one is attached (the batch
+        then carries its view keys), else from the live network."""
+        if self.cache is not None:
+            return self.cache(self, batch)
+        return self(batch[0])

@@ -1,0 +1,101 @@
+"""Keyed augmented views: every training sample's augmentation is drawn from an RNG seeded by
+`(seed, view, index)`, so view `v` of sample `i` replays bit-identically, whatever the worker count,
+batch or device it lands in. The teacher-output cache keys its stored outputs on these views (the idea
+of FKD, Shen & Xing 2022); an interrupted run can also replay the rest of an epoch exactly.
+
+`data.keyed_views: true` makes `ImageDataModule` serve training batches `(x, y, keys)` through
+`keyed_train_loader`; epoch `e` trains on view `e % view_epochs` (or a new view per epoch).
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def view_seed(seed: int, view: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{view}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch's CPU generator for one sample, then restore them, so training
+    randomness elsewhere (mixup, dropout) is untouched when workers are off."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+
+
+class KeyedViews(Dataset):
+    """Wraps a map-style dataset with a random transform so that view `v` of sample `i` is drawn from
+    an RNG seeded by `(seed, v, i)`: replaying it gives the same bytes, whatever the worker count.
+
+    Indexed by `key = v * len(dataset) + i` (what `ViewKeySampler` yields); returns `(x, y, [i, v])`.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+        self.n = len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: int):
+        view, i = divmod(int(key), self.n)
+        with seeded_rngs(view_seed(self.seed, view, i)):
+            x, y = self.dataset[i]
+        return x, y, np.array([i, view], dtype=np.int64)
+
+
+def collate_keyed(samples: list) -> tuple:
+    """default_collate for (x, y) and a host-side int64 numpy array of keys (B, 2): numpy arrays are
+    not moved to the GPU by Lightning, so looking keys up never waits for the device."""
+    from torch.utils.data import default_collate
+
+    x, y = default_collate([(s[0], s[1]) for s in samples])
+    return x, y, np.stack([s[2] for s in samples])
+
+
+class ViewKeySampler(DistributedSampler):
+    """A DistributedSampler (so Lightning neither replaces it nor forgets `set_epoch`) that yields
+    `view * N + i`, with `view = epoch % view_epochs` (or the epoch itself when view_epochs is None)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, view_epochs: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.view_epochs = view_epochs
+
+    def view(self) -> int:
+        return self.epoch % self.view_epochs if self.view_epochs else self.epoch
+
+    def __iter__(self):
+        n, v = len(self.dataset), self.view()  # type: ignore[arg-type]
+        return (v * n + int(i) for i in super().__iter__())
+
+
+def keyed_train_loader(dm, shuffle: bool = True) -> DataLoader:
+    """The training DataLoader of an `ImageDataModule` with `keyed_views: true`."""
+    hp = dm.hparams
+    trainer = getattr(dm, "trainer", None)
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    ds = KeyedViews(dm.train_set, hp.seed)
+    sampler = ViewKeySampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed,
+                             view_epochs=hp.view_epochs)
+    return DataLoader(
+        ds, batch_size=dm.batch_size, sampler=sampler, drop_last=hp.drop_last, num_workers=dm.num_workers,
+        collate_fn=collate_keyed, pin_memory=hp.pin_memory and torch.cuda.is_available(),
+        persistent_workers=hp.persistent_workers and dm.num_workers > 0,
+    )
