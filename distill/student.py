@@ -66,6 +66,12 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         weight_decay: AdamW weight decay, not applied to norms, biases, position embedding, tokens.
         warmup_epochs: epochs of linear warm-up (fractions allowed).
         min_lr_ratio: final learning rate as a fraction of `lr`.
+        warmup_start_ratio: learning rate at the start of warm-up as a fraction of `lr` (DeiT: 1e-6 / 1e-3).
+        cooldown_epochs: epochs at the final learning rate after the cosine (DeiT: 10); counted inside
+            `trainer.max_epochs`, so DeiT's 300 + 10 epochs is max_epochs 310.
+        lr_reference_batch: when set, `lr` is the learning rate for this global batch and is scaled
+            linearly to the run's: lr x (batch_size x devices x nodes x accumulate_grad_batches) /
+            lr_reference_batch (DeiT: lr 5e-4, reference 512). None = `lr` as given.
         ema_decay: decay of an exponential moving average of the student's weights, evaluated as
             `val/acc_ema`; None = off.
         teacher_sha256: expected sha256 of the teacher file (filled in automatically; a mismatch when
@@ -96,6 +102,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         weight_decay: float = 0.05,
         warmup_epochs: float = 5.0,
         min_lr_ratio: float = 0.01,
+        warmup_start_ratio: float = 0.0,
+        cooldown_epochs: float = 0.0,
+        lr_reference_batch: int | None = None,
         ema_decay: float | None = None,
         teacher_sha256: str | None = None,
         teacher_model: str | None = None,
@@ -278,7 +287,8 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return optimizer_config(self, self.student, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio)
+        return optimizer_config(self, self.student, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio,
+                                hp.warmup_start_ratio, hp.cooldown_epochs, hp.lr_reference_batch)
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_fit_start(self) -> None:

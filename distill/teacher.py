@@ -34,6 +34,12 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         weight_decay: AdamW weight decay (not applied to norms and biases).
         warmup_epochs: epochs of linear warm-up (fractions allowed).
         min_lr_ratio: final learning rate as a fraction of `lr`.
+        warmup_start_ratio: learning rate at the start of warm-up as a fraction of `lr` (DeiT: 1e-6 / 1e-3).
+        cooldown_epochs: epochs at the final learning rate after the cosine (DeiT: 10); counted inside
+            `trainer.max_epochs`, so DeiT's 300 + 10 epochs is max_epochs 310.
+        lr_reference_batch: when set, `lr` is the learning rate for this global batch and is scaled
+            linearly to the run's: lr x (batch_size x devices x nodes x accumulate_grad_batches) /
+            lr_reference_batch (DeiT: lr 5e-4, reference 512). None = `lr` as given.
         label_smoothing: label smoothing of the cross-entropy.
         channels_last: run the CNN in channels_last memory format (faster convolutions on GPU).
     """
@@ -52,6 +58,9 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         weight_decay: float = 0.05,
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
+        warmup_start_ratio: float = 0.0,
+        cooldown_epochs: float = 0.0,
+        lr_reference_batch: int | None = None,
         label_smoothing: float = 0.1,
         channels_last: bool = False,
     ) -> None:
@@ -137,4 +146,5 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return optimizer_config(self, self.model, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio)
+        return optimizer_config(self, self.model, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio,
+                                hp.warmup_start_ratio, hp.cooldown_epochs, hp.lr_reference_batch)

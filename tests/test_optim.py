@@ -1,0 +1,85 @@
+"""The learning-rate schedule follows the real run: warm-up in real epochs, the cosine ending where
+training ends (max_epochs, max_steps or both, with gradient accumulation), DeiT's warm-up start and
+cool-down, and the lr scaled by the global batch."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+
+from distill import ImageDataModule, TeacherModule
+from distill.optim import warmup_cosine
+
+LR = 1e-2
+
+
+class LrRecorder(L.Callback):
+    """The learning rate each optimizer step is taken with."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def fit(trainer_factory, tiny_teacher_kwargs, batches_per_epoch=8, batch=8, **kwargs):
+    module_kwargs = {k: kwargs.pop(k) for k in ("warmup_epochs", "warmup_start_ratio", "cooldown_epochs",
+                                                "lr_reference_batch") if k in kwargs}
+    dm = ImageDataModule("synthetic", img_size=8, batch_size=batch, num_samples=batches_per_epoch * batch * 5 // 4,
+                         val_fraction=0.2, in_chans_synthetic=1)
+    module = TeacherModule(**tiny_teacher_kwargs, lr=LR, min_lr_ratio=0.01, **{"warmup_epochs": 1.0, **module_kwargs})
+    rec = LrRecorder()
+    trainer = trainer_factory(limit_val_batches=0, callbacks=[rec], **kwargs)
+    trainer.fit(module, dm)
+    return trainer, rec.lrs
+
+
+def test_max_steps_alone_warms_up_one_real_epoch_and_ends_the_cosine_at_the_last_step(trainer_factory, tiny_teacher_kwargs):
+    trainer, lrs = fit(trainer_factory, tiny_teacher_kwargs, max_steps=40, max_epochs=-1)
+    assert trainer.num_training_batches == 8 and len(lrs) == 40
+    assert max(range(len(lrs)), key=lrs.__getitem__) == 8  # peak right after one epoch (8 steps) of warm-up
+    assert lrs[8] == pytest.approx(LR)
+    assert lrs[-1] < 0.02 * LR  # decayed to ~min_lr_ratio at the end, not stuck at the peak
+
+
+def test_max_steps_before_max_epochs_ends_the_cosine_at_max_steps(trainer_factory, tiny_teacher_kwargs):
+    trainer, lrs = fit(trainer_factory, tiny_teacher_kwargs, max_steps=30, max_epochs=10)
+    assert len(lrs) == 30
+    assert max(range(len(lrs)), key=lrs.__getitem__) == 8  # warm-up is one epoch, not 30 // 10 steps
+    assert lrs[-1] < 0.03 * LR
+
+
+def test_gradient_accumulation_counts_optimizer_steps(trainer_factory, tiny_teacher_kwargs):
+    trainer, lrs = fit(trainer_factory, tiny_teacher_kwargs, max_epochs=5, accumulate_grad_batches=2,
+                       limit_train_batches=6)
+    assert trainer.global_step == 15 and len(lrs) == 15  # 6 batches / 2 = 3 optimizer steps per epoch
+    assert max(range(len(lrs)), key=lrs.__getitem__) == 3  # one epoch of warm-up = 3 optimizer steps
+    assert lrs[-1] < 0.05 * LR
+
+
+def test_warmup_start_and_cooldown(trainer_factory, tiny_teacher_kwargs):
+    trainer, lrs = fit(trainer_factory, tiny_teacher_kwargs, max_epochs=6, warmup_start_ratio=0.1,
+                       cooldown_epochs=2)
+    assert len(lrs) == 48
+    assert lrs[0] == pytest.approx(LR * (0.1 + 0.9 / 9))  # from 0.1 x lr upwards
+    assert all(lr == pytest.approx(0.01 * LR) for lr in lrs[-16:])  # two epochs at the final lr
+    assert lrs[-17] > 0.01 * LR
+
+
+def test_lr_scaled_by_the_global_batch(trainer_factory, tiny_teacher_kwargs):
+    _, lrs = fit(trainer_factory, tiny_teacher_kwargs, max_epochs=2, warmup_epochs=0, lr_reference_batch=32,
+                 accumulate_grad_batches=2)
+    assert lrs[0] == pytest.approx(LR * (8 * 1 * 2) / 32)  # batch 8 x 1 device x accumulation 2
+
+
+def test_warmup_cosine_shape():
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=100, warmup_steps=10, min_lr_ratio=0.0, cooldown_steps=20)
+    f = [sched.lr_lambdas[0](s) for s in range(100)]
+    assert f[10] == 1.0 and f[9] < 1.0
+    assert f[45] == pytest.approx(0.5 * (1 + math.cos(math.pi * 35 / 70)))
+    assert f[80:] == [0.0] * 20
