@@ -299,8 +299,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
                 self.teacher.fingerprint()  # before any dtype cast: the cache identifies the teacher by it
             self.teacher.prepare(self._teacher_dtype(), hp.teacher_channels_last, hp.compile_teacher)
             if use_cache and self.teacher.cache is None:
-                from .teacher_cache import open_cache
+                from .teacher_cache import open_cache, resolve_topk
 
+                cache_cfg = resolve_topk(cache_cfg, self.loss.mode == "hard", self.teacher.identity["num_classes"])
                 cache = open_cache(self.teacher, cache_cfg, self.trainer, self.device)
                 self.teacher.attach_cache(CachedTeacher(cache, cache_cfg.verify_batches, str(self.trainer.precision)))
         if hp.compile_student and self.student is not None and not self._student_compiled:

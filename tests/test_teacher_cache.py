@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill import DistillModule, ImageDataModule, build_teacher
+from distill import DistillationLoss, DistillModule, ImageDataModule, build_teacher
+from distill.losses import soft_distillation
 from distill.keyed_views import KeyedViews
 from distill.teacher_cache import (
     TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
@@ -179,3 +180,44 @@ def test_manifest_teacher_fields_and_config_in_hparams(built):
     assert hp["teacher_cache"]["dir"] == str(built["dir"]) and hp["teacher_cache"]["topk"] == 5
     fields = teacher_fields({"weights_sha256": "x"}, torch.nn.Identity())
     assert fields["input"]["mean"] is None and json.dumps(fields)
+
+
+# ------------------------------------------------------------------------ soft losses need all logits
+def test_topk_tail_breaks_the_soft_loss_at_tau_3():
+    """Why a top-k cache is refused for soft losses: with 1,000 classes and k = 10 the rebuilt
+    distribution is exact for the argmax, not for the KL at a temperature."""
+    g = torch.Generator().manual_seed(0)
+    z_t, z_s = torch.randn(64, 1000, generator=g) * 3, torch.randn(64, 1000, generator=g) * 3
+    top = z_t.topk(10, dim=-1)
+    rebuilt = reconstruct_logits(top.indices, top.values, torch.logsumexp(z_t, -1), 1000)
+    assert torch.equal(rebuilt.argmax(-1), z_t.argmax(-1))
+    live = soft_distillation(z_s, z_t, tau=3.0)
+    assert abs(float(soft_distillation(z_s, rebuilt, tau=3.0)) / float(live) - 1) > 0.05
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_soft_distillation_from_the_cache_matches_the_live_teacher(trainer_factory, tmp_path, tau):
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True, view_epochs=1)
+    module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           loss=DistillationLoss("soft", alpha=0.5, tau=tau),
+                           teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache")))  # topk: auto
+    trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+    cache = TeacherCache(tmp_path / "cache")
+    assert cache.manifest["topk"] is None  # auto: all logits for a soft loss
+    views = KeyedViews(dm.train_set, dm.hparams.seed)
+    items = [views[i] for i in range(0, len(views), 7)]
+    x, keys = torch.stack([it[0] for it in items]), np.stack([it[2] for it in items])
+    z_s = torch.randn(len(items), 10, generator=torch.Generator().manual_seed(1)) * 2
+    live = soft_distillation(z_s, module.teacher(x).float(), tau=tau)
+    cached = soft_distillation(z_s, cache.logits(keys), tau=tau)
+    assert float(cached) == pytest.approx(float(live), rel=0.01)
+
+
+def test_soft_distillation_with_a_topk_cache_is_refused(trainer_factory, tmp_path):
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True, view_epochs=1)
+    module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           loss=DistillationLoss("soft", tau=3.0),
+                           teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache"), topk=5))
+    with pytest.raises(ValueError, match="teacher_cache.topk=5 .* hard distillation only"):
+        trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+    assert not (tmp_path / "cache").exists()  # refused before anything was written
