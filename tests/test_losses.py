@@ -1,5 +1,6 @@
 """DistillationLoss against fixed, precomputed values (torchdistill style), DeiT's reference formula,
-bf16 autocast, the hard/soft/none modes, soft targets, label smoothing and argument validation."""
+bf16 autocast, the hard/soft/none modes, soft targets, label smoothing and argument validation; then the
+DKD, DIST and logit-standardisation terms against the authors' formulas (see the second half)."""
 from __future__ import annotations
 
 import math
@@ -294,8 +295,17 @@ def test_config_round_trips():
     loss = DistillationLoss("soft", alpha=0.2, tau=3.0, kl_reduction="deit", label_smoothing=0.1)
     again = DistillationLoss(**loss.config())
     assert again.config() == loss.config() == dict(
-        mode="soft", alpha=0.2, tau=3.0, kl_reduction="deit", label_smoothing=0.1
+        mode="soft", alpha=0.2, tau=3.0, kl_reduction="deit", label_smoothing=0.1, standardize=False,
+        dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=0, dist_beta=1.0, dist_gamma=1.0,
     )
+
+
+def test_config_of_older_checkpoints_still_loads():
+    """Checkpoints written before the DKD/DIST options hold only the five original keys."""
+    old = dict(mode="soft", alpha=0.2, tau=3.0, kl_reduction="deit", label_smoothing=0.1)
+    loss = DistillationLoss(**old)
+    assert {k: loss.config()[k] for k in old} == old
+    assert loss.config()["standardize"] is False
 
 
 @pytest.mark.parametrize("mode,tau", [("soft", 2.0), ("hard", 1.0)])
@@ -322,3 +332,394 @@ def test_agrees_with_timm_token_distillation_task(mode, tau):
     torch.testing.assert_close(ours.ce, theirs["task_loss"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours.distill, theirs["distill_loss"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours.total, theirs["loss"], atol=1e-6, rtol=1e-6)
+
+
+# ==================================================================================================
+# DKD, DIST and logit standardisation
+# ==================================================================================================
+# Reference implementations: each restates, operation by operation, the authors' published code (float64,
+# probabilities then torch.log, probability-target kl_div, the 1000.0 mask), independently of
+# distill/losses.py.
+def ref_standardize(z: torch.Tensor) -> torch.Tensor:
+    """sunshangquan/logit-standardization-KD, mdistiller/distillers/KD.py (and DKD.py), `normalize`."""
+    return (z - z.mean(dim=-1, keepdim=True)) / (1e-7 + z.std(dim=-1, keepdim=True))
+
+
+def ref_kd(s: torch.Tensor, t: torch.Tensor, T: float, logit_stand: bool) -> torch.Tensor:
+    """sunshangquan/logit-standardization-KD, mdistiller/distillers/KD.py, `kd_loss`."""
+    if logit_stand:
+        s, t = ref_standardize(s), ref_standardize(t)
+    per_sample = F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="none").sum(1)
+    return per_sample.mean() * T**2
+
+
+def ref_dkd_parts(s, t, y, T: float, logit_stand: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TCKD, NCKD) of megvii-research/mdistiller, mdistiller/distillers/DKD.py, `dkd_loss` (with its
+    `_get_gt_mask`, `_get_other_mask`, `cat_mask`); `logit_stand` as in logit-standardization-KD's
+    DKD.py. `size_average=False` there is `reduction="sum"`."""
+    if logit_stand:
+        s, t = ref_standardize(s), ref_standardize(t)
+    gt = torch.zeros_like(s).scatter_(1, y.reshape(-1, 1), 1).bool()
+    other = ~gt
+
+    def two_bins(p):
+        return torch.cat([(p * gt).sum(1, keepdim=True), (p * other).sum(1, keepdim=True)], dim=1)
+
+    p_s, p_t = two_bins(F.softmax(s / T, dim=1)), two_bins(F.softmax(t / T, dim=1))
+    tckd = F.kl_div(torch.log(p_s), p_t, reduction="sum") * T**2 / y.shape[0]
+    p_t2 = F.softmax(t / T - 1000.0 * gt, dim=1)
+    log_p_s2 = F.log_softmax(s / T - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(log_p_s2, p_t2, reduction="sum") * T**2 / y.shape[0]
+    return tckd, nckd
+
+
+def ref_dkd(s, t, y, T, alpha, beta, logit_stand=False):
+    tckd, nckd = ref_dkd_parts(s, t, y, T, logit_stand)
+    return alpha * tckd + beta * nckd
+
+
+def ref_dist(z_s, z_t, beta: float, gamma: float, tau: float) -> torch.Tensor:
+    """hunto/image_classification_sota (the `classification` submodule of hunto/DIST_KD),
+    lib/models/losses/dist_kd.py, `DIST.forward` with `cosine_similarity`, `pearson_correlation`,
+    `inter_class_relation`, `intra_class_relation`."""
+
+    def pearson(a, b, eps=1e-8):
+        a, b = a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+    y_s, y_t = (z_s / tau).softmax(dim=1), (z_t / tau).softmax(dim=1)
+    inter = tau**2 * (1 - pearson(y_s, y_t).mean())
+    intra = tau**2 * (1 - pearson(y_s.transpose(0, 1), y_t.transpose(0, 1)).mean())
+    return beta * inter + gamma * intra
+
+
+# Fixed inputs: four samples, five classes; targets 2 and 0 are not the teacher's argmax (0 and 4), so
+# the target-class split differs from the teacher's top class. Pinned values computed once with numpy
+# (float64) from the papers' definitions, independently of both torch implementations:
+#   softmax, z-score with ddof=1 and 1e-7, KL = sum p_t log(p_t / p_s) * T^2 / B,
+#   TCKD on [p(target), 1 - p(target)], NCKD on the softmax renormalised over the non-target classes,
+#   DIST: T^2 * (1 - mean row Pearson + 1 - mean column Pearson) of softmax(z / T), eps 1e-8.
+S4 = [[1.0, -0.5, 2.0, 0.3, -1.2], [0.2, 1.7, -0.8, 0.9, 0.0], [-1.0, 0.4, 0.6, 2.2, -0.3], [0.8, 0.1, -1.5, -0.2, 1.4]]
+T4 = [[2.5, -1.0, 1.0, 0.0, -2.0], [-0.5, 3.0, -1.0, 1.5, 0.5], [-2.0, 0.0, 1.5, 1.0, -1.0], [1.0, -0.5, -2.0, 0.5, 3.0]]
+Y4 = [2, 1, 3, 0]
+TCKD_T4 = 0.10558402263195356
+NCKD_T4 = 0.3407733818459526
+DKD_T4 = 2.8317710773995746  # TCKD + 8 * NCKD
+DKD_LS_T2 = 0.6485237219134152  # standardised, T = 2, alpha 1, beta 8
+KD_LS_T2 = 0.12155485780108846  # standardised soft KL, T = 2, batchmean
+KD_T2 = 0.38705924833687166
+DIST_T1 = 0.6368388355104236  # inter 0.35946559378317267 + intra 0.277373241727251
+DIST_T4 = 4.783204573790933  # 16 * (0.17530960305443444 + 0.12364068280749885)
+
+
+def fixed4(dtype=torch.float32):
+    return torch.tensor(S4, dtype=dtype), torch.tensor(T4, dtype=dtype), torch.tensor(Y4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(mode="dkd", tau=4.0), DKD_T4),  # DKD's CIFAR defaults: alpha 1, beta 8, T 4
+        (dict(mode="dkd", tau=4.0, dkd_alpha=1.0, dkd_beta=0.0), TCKD_T4),
+        (dict(mode="dkd", tau=4.0, dkd_alpha=0.0, dkd_beta=1.0), NCKD_T4),
+        (dict(mode="dkd", tau=2.0, standardize=True), DKD_LS_T2),
+        (dict(mode="soft", tau=2.0, standardize=True), KD_LS_T2),
+        (dict(mode="soft", tau=2.0), KD_T2),
+        (dict(mode="dist", tau=1.0), DIST_T1),
+        (dict(mode="dist", tau=4.0), DIST_T4),
+    ],
+)
+def test_new_terms_fixed_values(kwargs, expected):
+    s, t, y = fixed4()
+    terms = DistillationLoss(alpha=0.3, **kwargs)(s, t, y)
+    assert terms.distill.item() == approx(expected)
+    assert terms.ce.item() == approx(F.cross_entropy(s.double(), y).item())
+    assert terms.total.item() == approx(0.7 * terms.ce.item() + 0.3 * expected)
+
+
+def test_reference_implementations_reproduce_pinned_values():
+    """The transcriptions of the authors' code agree with the numpy values: both sides are pinned."""
+    s, t, y = fixed4(torch.float64)
+    tckd, nckd = ref_dkd_parts(s, t, y, 4.0)
+    assert tckd.item() == approx(TCKD_T4) and nckd.item() == approx(NCKD_T4)
+    assert ref_dkd(s, t, y, 4.0, 1.0, 8.0).item() == approx(DKD_T4)
+    assert ref_dkd(s, t, y, 2.0, 1.0, 8.0, logit_stand=True).item() == approx(DKD_LS_T2)
+    assert ref_kd(s, t, 2.0, logit_stand=True).item() == approx(KD_LS_T2)
+    assert ref_kd(s, t, 2.0, logit_stand=False).item() == approx(KD_T2)
+    assert ref_dist(s, t, 1.0, 1.0, 1.0).item() == approx(DIST_T1)
+    assert ref_dist(s, t, 1.0, 1.0, 4.0).item() == approx(DIST_T4)
+
+
+def random_logits(seed: int, shape, scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    s, t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale for _ in range(2))
+    y = torch.randint(0, shape[1], (shape[0],), generator=g)
+    return s, t, y
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("weights", [(1.0, 8.0), (1.0, 0.0), (0.5, 2.0)])
+@pytest.mark.parametrize("shape", [(1, 2), (8, 10), (16, 100)])
+def test_dkd_matches_mdistiller(standardize, tau, weights, shape):
+    s, t, y = random_logits(shape[1] + int(tau), shape)
+    loss = DistillationLoss("dkd", alpha=0.5, tau=tau, standardize=standardize, dkd_alpha=weights[0],
+                            dkd_beta=weights[1])
+    ours = loss(s, t, y).distill
+    theirs = ref_dkd(s, t, y, tau, *weights, logit_stand=standardize)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 0.0), (0.0, 2.0), (0.5, 3.0)])
+@pytest.mark.parametrize("shape", [(2, 3), (8, 10), (32, 100)])
+def test_dist_matches_authors_code(tau, weights, shape):
+    s, t, _ = random_logits(shape[0] + int(tau * 10), shape)
+    ours = DistillationLoss("dist", alpha=0.5, tau=tau, dist_beta=weights[0], dist_gamma=weights[1])
+    assert ours(s, t, torch.zeros(shape[0], dtype=torch.long)).distill.item() == pytest.approx(
+        ref_dist(s, t, *weights, tau).item(), rel=1e-5, abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("kl_reduction", ["batchmean", "deit"])
+def test_standardised_soft_matches_authors_kd_loss(tau, kl_reduction):
+    s, t, y = random_logits(7, (12, 20), scale=5.0)
+    ours = DistillationLoss("soft", alpha=0.5, tau=tau, kl_reduction=kl_reduction, standardize=True)(s, t, y)
+    theirs = ref_kd(s, t, tau, logit_stand=True) / (20 if kl_reduction == "deit" else 1)
+    assert ours.distill.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------- properties
+def test_dkd_with_beta_zero_is_tckd_alone_and_terms_add_linearly():
+    s, t, y = random_logits(11, (6, 7))
+    tckd = ref_dkd_parts(s, t, y, 4.0)[0]
+    nckd = ref_dkd_parts(s, t, y, 4.0)[1]
+
+    def dkd(a, b):
+        return DistillationLoss("dkd", tau=4.0, dkd_alpha=a, dkd_beta=b)(s, t, y).distill.item()
+
+    assert dkd(1.0, 0.0) == pytest.approx(tckd.item(), rel=1e-5)
+    assert dkd(0.0, 1.0) == pytest.approx(nckd.item(), rel=1e-5)
+    assert dkd(2.0, 5.0) == pytest.approx(2 * dkd(1.0, 0.0) + 5 * dkd(0.0, 1.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_dkd_recomposes_classic_kd_per_sample(tau):
+    """DKD's Eq. (4): for one sample, KD = TCKD + (1 - p_t(target)) * NCKD."""
+    s, t, y = random_logits(13, (5, 9))
+    for i in range(5):
+        si, ti, yi = s[i : i + 1], t[i : i + 1], y[i : i + 1]
+        weight = 1.0 - (ti / tau).softmax(1)[0, yi[0]].item()
+        dkd = DistillationLoss("dkd", tau=tau, dkd_alpha=1.0, dkd_beta=weight)(si, ti, yi).distill
+        kd = DistillationLoss("soft", tau=tau)(si, ti, yi).distill
+        assert dkd.item() == pytest.approx(kd.item(), rel=1e-5, abs=1e-7)
+
+
+def test_dkd_uses_the_ground_truth_class():
+    s, t, y = fixed4()
+    loss = DistillationLoss("dkd", tau=4.0)
+    other = (y + 1) % 5
+    assert abs(loss(s, t, other).distill.item() - DKD_T4) > 1e-2
+    # and the teacher logits: identical student and teacher give zero
+    assert loss(t, t, y).distill.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dkd_soft_targets_use_their_argmax():
+    s, t, y = fixed4()
+    one_hot = F.one_hot(y, 5).float()
+    mixed = 0.6 * one_hot + 0.4 * one_hot.roll(1, dims=0)  # mixup with lam 0.6: argmax is y
+    loss = DistillationLoss("dkd", alpha=0.3, tau=4.0)
+    terms = loss(s, t, mixed)
+    assert terms.distill.item() == approx(DKD_T4)
+    assert terms.ce.item() == pytest.approx(-(mixed * s.log_softmax(1)).sum(1).mean().item(), rel=1e-6)
+    flipped = 0.4 * one_hot + 0.6 * one_hot.roll(1, dims=0)  # the other class dominates
+    assert loss(s, t, flipped).distill.item() == pytest.approx(
+        loss(s, t, y.roll(1, dims=0)).distill.item(), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", ["soft", "dkd", "dist"])
+def test_standardised_terms_ignore_shift_and_positive_scale(mode):
+    """Z-scoring removes each sample's mean and scale: shifting and scaling teacher or student logits
+    per sample by a positive factor leaves the standardised term unchanged (std 1e-7 aside)."""
+    s, t, y = random_logits(17, (8, 10))
+    g = torch.Generator().manual_seed(18)
+    shift = torch.randn(8, 1, generator=g, dtype=torch.float64) * 5
+    scale = torch.rand(8, 1, generator=g, dtype=torch.float64) * 4 + 0.25
+    loss = DistillationLoss(mode, tau=2.0, standardize=True)
+    base = loss(s, t, y).distill.item()
+    assert loss(s, t * scale + shift, y).distill.item() == pytest.approx(base, rel=1e-5, abs=1e-6)
+    assert loss(s * scale + shift, t, y).distill.item() == pytest.approx(base, rel=1e-5, abs=1e-6)
+    # without standardisation the scale matters
+    plain = DistillationLoss(mode, tau=2.0)
+    assert abs(plain(s, t * scale + shift, y).distill.item() - plain(s, t, y).distill.item()) > 1e-3
+
+
+def test_standardised_logits_have_zero_mean_and_unit_unbiased_std():
+    from distill.losses import standardize_logits
+
+    z = random_logits(19, (4, 12))[0] * 7 + 3
+    n = standardize_logits(z)
+    torch.testing.assert_close(n.mean(1), torch.zeros(4, dtype=z.dtype), atol=1e-9, rtol=0)
+    torch.testing.assert_close(n.std(1), torch.ones(4, dtype=z.dtype), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["soft", "dkd", "dist"])
+def test_standardised_terms_are_finite_for_constant_logits(mode):
+    """A zero-initialised head gives constant logits (std 0): the 1e-7 in the authors' denominator maps
+    them to zeros instead of 0/0, and the gradient stays finite."""
+    z = torch.zeros(4, 5, requires_grad=True)
+    t, y = torch.tensor(T4[:4]), torch.tensor(Y4)
+    terms = DistillationLoss(mode, tau=2.0, standardize=True)(z, t, y)
+    assert torch.isfinite(terms.distill)
+    terms.total.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_dist_is_invariant_to_per_sample_shifts_not_to_scale():
+    s, t, y = random_logits(23, (8, 10))
+    g = torch.Generator().manual_seed(24)
+    shift_s, shift_t = (torch.randn(8, 1, generator=g, dtype=torch.float64) * 10 for _ in range(2))
+    loss = DistillationLoss("dist", tau=1.0)
+    base = loss(s, t, y).distill.item()
+    assert loss(s + shift_s, t + shift_t, y).distill.item() == pytest.approx(base, rel=1e-5, abs=1e-7)
+    assert abs(loss(s, t * 3, y).distill.item() - base) > 1e-3
+    assert loss(t, t, y).distill.item() == pytest.approx(0.0, abs=1e-6)  # perfect correlation
+
+
+def test_dist_intra_term_needs_a_batch():
+    """One sample: every class column is constant, so the intra term is exactly 1 (the authors' code)."""
+    s, t, y = fixed4()
+    one = DistillationLoss("dist", tau=1.0, dist_beta=0.0, dist_gamma=1.0)(s[:1], t[:1], y[:1]).distill
+    assert one.item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["dkd", "dist"])
+def test_new_modes_single_tensor_student_and_heads(mode):
+    s, t, y = random_logits(29, (6, 5))
+    other = random_logits(30, (6, 5))[0]
+    loss = DistillationLoss(mode, alpha=0.5, tau=2.0)
+    single, pair = loss(s, t, y), loss((s, s), t, y)
+    for a, b in zip(single, pair):
+        assert a.item() == pytest.approx(b.item(), rel=1e-7)
+    terms = loss((other, s), t, y)  # the teacher term reads the distillation head
+    assert terms.distill.item() == pytest.approx(single.distill.item(), rel=1e-7)
+    assert terms.ce.item() == pytest.approx(F.cross_entropy(other, y).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------- bf16
+@pytest.mark.parametrize("mode,standardize", [("dkd", False), ("dkd", True), ("dist", False), ("dist", True),
+                                              ("soft", True)])
+@pytest.mark.parametrize("tau", [0.1, 1.0, 4.0])
+def test_new_terms_bf16_autocast_gradients_are_finite(mode, standardize, tau):
+    g = torch.Generator().manual_seed(0)
+    B, D, C = 16, 8, 10
+    features = torch.randn(B, D, generator=g)
+    w_cls = (torch.randn(D, C, generator=g) * 40).requires_grad_()  # logits of magnitude ~100
+    w_dist = (torch.randn(D, C, generator=g) * 40).requires_grad_()
+    teacher_logits = (torch.randn(B, C, generator=g) * 200).bfloat16()  # very sharp teacher
+    y = torch.randint(0, C, (B,), generator=g)
+    loss = DistillationLoss(mode, alpha=0.5, tau=tau, standardize=standardize)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_cls, z_dist = features @ w_cls, features @ w_dist
+        assert z_dist.dtype == torch.bfloat16
+        terms = loss((z_cls, z_dist), teacher_logits, y)
+    assert terms.distill.dtype == torch.float32
+    assert torch.isfinite(terms.total) and torch.isfinite(terms.distill)
+    terms.total.backward()
+    for w in (w_cls, w_dist):
+        assert w.grad is not None and torch.isfinite(w.grad).all()
+    assert w_dist.grad.abs().sum() > 0
+    ref = loss((z_cls.detach().float(), z_dist.detach().float()), teacher_logits.float(), y)
+    assert terms.total.item() == pytest.approx(ref.total.item(), rel=1e-4, abs=1e-4)
+
+
+def test_dkd_stays_finite_where_the_reference_log_of_probabilities_does_not():
+    """A saturated student softmax: mdistiller's `torch.log(sum of probabilities)` gives log(0) and an
+    infinite TCKD; the log-sum-exp form gives the finite limit."""
+    s = torch.tensor([[200.0, 0.0, 0.0]])  # p_s(others) underflows to 0 in float32
+    t = torch.tensor([[0.0, 1.0, 0.0]])
+    y = torch.tensor([0])
+    assert not torch.isfinite(ref_dkd(s, t, y, 1.0, 1.0, 0.0))
+    ours = DistillationLoss("dkd", tau=1.0, dkd_beta=0.0)(s, t, y).distill
+    expected = ref_dkd(s.double(), t.double(), y, 1.0, 1.0, 0.0)
+    assert torch.isfinite(ours) and ours.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------- warm-up
+def test_dkd_warmup_ramps_the_distillation_weight():
+    s, t, y = fixed4()
+    loss = DistillationLoss("dkd", alpha=0.3, tau=4.0, dkd_warmup_epochs=20)
+    ce = F.cross_entropy(s, y).item()
+    for epoch, factor in [(0, 1 / 20), (4, 5 / 20), (18, 19 / 20), (19, 1.0), (50, 1.0), (9.5, 10.5 / 20)]:
+        loss.set_epoch(epoch)
+        assert loss.warmup_factor == pytest.approx(factor)
+        terms = loss(s, t, y)
+        assert terms.distill.item() == approx(DKD_T4)  # the logged term stays unweighted
+        assert terms.total.item() == approx(0.7 * ce + 0.3 * factor * DKD_T4)
+
+
+def test_dkd_warmup_without_epoch_is_an_error_and_off_by_default():
+    s, t, y = fixed4()
+    with pytest.raises(RuntimeError, match="set_epoch"):
+        DistillationLoss("dkd", dkd_warmup_epochs=5)(s, t, y)
+    assert DistillationLoss("dkd").warmup_factor == 1.0
+    # the warm-up is DKD's: other modes ignore it
+    soft = DistillationLoss("soft", dkd_warmup_epochs=5)
+    assert soft.warmup_factor == 1.0
+    assert soft(s, t, y).total.item() == pytest.approx(DistillationLoss("soft")(s, t, y).total.item())
+
+
+@pytest.mark.parametrize("epoch", [-1, math.nan, "3", True])
+def test_set_epoch_rejects_bad_values(epoch):
+    with pytest.raises(ValueError, match="epoch"):
+        DistillationLoss("dkd", dkd_warmup_epochs=5).set_epoch(epoch)
+
+
+# ------------------------------------------------------------------------------ API, validation
+@pytest.mark.parametrize("mode", ["none", "soft", "hard", "dkd", "dist"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_needs_teacher_for_every_mode(mode, alpha):
+    loss = DistillationLoss(mode, alpha=alpha)
+    assert loss.needs_teacher == (mode != "none" and alpha > 0)
+    s, t, y = fixed4()
+    if not loss.needs_teacher:  # and it really runs without one
+        assert loss(s, None, y).total.item() == approx(F.cross_entropy(s, y).item())
+    else:
+        with pytest.raises(ValueError, match="teacher_logits"):
+            loss(s, None, y)
+
+
+def test_new_config_round_trips():
+    loss = DistillationLoss("dkd", alpha=0.4, tau=2.0, standardize=True, dkd_alpha=2.0, dkd_beta=4.0,
+                            dkd_warmup_epochs=20, dist_beta=0.5, dist_gamma=2.0)
+    again = DistillationLoss(**loss.config())
+    assert again.config() == loss.config()
+    assert loss.config()["dkd_warmup_epochs"] == 20 and loss.config()["standardize"] is True
+    assert "dkd_beta=4.0" in repr(loss) and "standardize=True" in repr(loss)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(mode="DKD"), "mode"),
+        (dict(standardize="yes"), "standardize"),
+        (dict(standardize=1), "standardize"),
+        (dict(mode="hard", standardize=True), "standardize"),
+        (dict(dkd_alpha=-1.0), "dkd_alpha"),
+        (dict(dkd_alpha=math.inf), "dkd_alpha"),
+        (dict(dkd_beta=math.nan), "dkd_beta"),
+        (dict(dkd_beta="8"), "dkd_beta"),
+        (dict(dkd_warmup_epochs=-1), "dkd_warmup_epochs"),
+        (dict(dkd_warmup_epochs=2.5), "dkd_warmup_epochs"),
+        (dict(dist_beta=-0.5), "dist_beta"),
+        (dict(dist_gamma=math.nan), "dist_gamma"),
+        (dict(mode="dkd", dkd_alpha=0.0, dkd_beta=0.0), "dkd_alpha"),
+        (dict(mode="dist", dist_beta=0.0, dist_gamma=0.0), "dist_beta"),
+    ],
+)
+def test_new_invalid_arguments_name_the_field_in_one_line(kwargs, field):
+    with pytest.raises(ValueError, match=rf"\b{field}\b") as info:
+        DistillationLoss(**kwargs)
+    assert "\n" not in str(info.value)
