@@ -2,8 +2,8 @@
 expects, how it runs (dtype, memory format, compiled), where its outputs come from (live or the
 teacher-output cache) and what identifies it in the student's lineage.
 
-`DistillModule` holds one `FrozenTeacher` (or a `TeacherEnsemble` of several) and only asks it for
-logits; everything about the teacher lives here.
+`DistillModule` holds one `FrozenTeacher` (or a `distill.teacher_ensemble.TeacherEnsemble` of
+several) and only asks it for logits and feature maps; everything about the teacher lives here.
 """
 from __future__ import annotations
 
@@ -44,7 +44,23 @@ class TeacherInput(nn.Module):
         return x
 
 
-class FrozenTeacher(nn.Module):
+class TeacherOutputs:
+    """Where a teacher's training logits come from: the attached teacher-output cache when there is
+    one (the batch then carries its view keys), else the live forward. Shared by `FrozenTeacher` and
+    `TeacherEnsemble` (whose cache holds the combined logits)."""
+
+    cache = None  # a distill.teacher_cache.CachedTeacher once attached
+
+    def attach_cache(self, cached) -> None:
+        self.cache = cached
+
+    def training_logits(self, batch) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache(self, batch)
+        return self(batch[0])
+
+
+class FrozenTeacher(TeacherOutputs, nn.Module):
     """A teacher network that never learns and never leaves eval mode.
 
     - Frozen for good: no gradients, `train()` is a no-op (BatchNorm statistics and dropout never
@@ -72,7 +88,8 @@ class FrozenTeacher(nn.Module):
         self._cast: torch.dtype | None = None
         self._channels_last = False
         self._prepared = False
-        self.cache = None  # a distill.teacher_cache.CachedTeacher once attached
+        self._watched: dict[str, torch.Tensor] = {}
+        self.cache = None
         self.eval()
 
     # ------------------------------------------------------------------------------- loading
@@ -169,12 +186,24 @@ class FrozenTeacher(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.network(x)
 
-    def attach_cache(self, cached) -> None:
-        self.cache = cached
+    # ------------------------------------------------------------------- feature maps
+    def watch(self, layers: Sequence[str], field: str = "model.feature_guidance.teacher_layers") -> None:
+        """Keep the outputs of the named submodules of every forward (for feature guidance). The hooks
+        are registered once; `watched(layers)` returns the outputs of the latest forward."""
+        modules = dict(self.network.named_modules())
+        for name in layers:
+            if name not in modules:
+                candidates = [n for n, m in modules.items() if n and n.count(".") <= 1 and any(m.children())]
+                raise ValueError(f"{field}: the teacher ({self.identity.get('architecture')}) has no module {name!r}; "
+                                 f"choose among {', '.join(candidates[:12])}")
+            if name not in self._watched:
+                self._watched[name] = None  # type: ignore[assignment]
+                modules[name].register_forward_hook(self._keep(name))
 
-    def training_logits(self, batch) -> torch.Tensor:
-        """The teacher's logits for a training batch: from the cache when one is attached (the batch
-        then carries its view keys), else from the live network."""
-        if self.cache is not None:
-            return self.cache(self, batch)
-        return self(batch[0])
+    def _keep(self, name: str):
+        def hook(_module, _inputs, output):
+            self._watched[name] = output
+        return hook
+
+    def watched(self, layers: Sequence[str]) -> list[torch.Tensor]:
+        return [self._watched[name] for name in layers]

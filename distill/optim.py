@@ -11,15 +11,24 @@ from timm.optim import create_optimizer_v2
 log = logging.getLogger(__name__)
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW over `model`'s parameters only, with no weight decay on norms, biases and whatever the model
-    lists in `no_weight_decay()` (timm ViTs: position embedding, class and distillation tokens)."""
+def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None,
+          extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW over `model`'s parameters (and `extra`'s, e.g. feature-guidance projections), with no
+    weight decay on norms, biases and whatever the model lists in `no_weight_decay()` (timm ViTs:
+    position embedding, class and distillation tokens)."""
+    from timm.optim import param_groups_weight_decay
+
+    modules = [model] + ([extra] if extra is not None else [])
     kwargs = {}
     if fused is None:
-        fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
+        fused = torch.cuda.is_available() and all(p.is_cuda for m in modules for p in m.parameters())
     if fused:
         kwargs["fused"] = True
-    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, filter_bias_and_bn=True, **kwargs)
+    groups = []
+    for m in modules:
+        skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else ()
+        groups += param_groups_weight_decay(m, weight_decay, no_weight_decay_list=skip)
+    return create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, **kwargs)
 
 
 def warmup_cosine(
@@ -84,7 +93,7 @@ def scaled_lr(trainer, lr: float, reference_batch: int | None) -> float:
 
 def optimizer_config(module, model: nn.Module, lr: float, weight_decay: float, warmup_epochs: float,
                      min_lr_ratio: float, warmup_start_ratio: float = 0.0, cooldown_epochs: float = 0.0,
-                     lr_reference_batch: int | None = None) -> dict:
+                     lr_reference_batch: int | None = None, extra: nn.Module | None = None) -> dict:
     """`configure_optimizers` output for a LightningModule training `model` (a submodule).
 
     The schedule follows the real run: warm-up and cool-down are measured in real epochs (batches per
@@ -96,7 +105,7 @@ def optimizer_config(module, model: nn.Module, lr: float, weight_decay: float, w
     if not math.isfinite(total):
         raise ValueError("the run has no end: set trainer.max_epochs or trainer.max_steps")
     lr = scaled_lr(trainer, lr, lr_reference_batch)
-    opt = adamw(model, lr, weight_decay)
+    opt = adamw(model, lr, weight_decay, extra=extra)
     sched = warmup_cosine(opt, int(total), round(warmup_epochs * per_epoch), min_lr_ratio, warmup_start_ratio,
                           round(cooldown_epochs * per_epoch))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
 from torch import nn
 
 from .fault_tolerance import NonFiniteLossGuard, ResumeState
-from .frozen_teacher import FrozenTeacher
+from .feature_guidance import FeatureGuidance, FeatureGuidanceConfig, as_guidance_config
 from .lineage import run_record
 from .losses import DistillationLoss
 from .metrics import EvaluationSteps, accuracy_metrics
 from .models import STUDENT_KIND, build_student, load_weights_file, model_meta, set_model_meta, student_heads
 from .optim import optimizer_config
 from .teacher_cache import CachedTeacher, TeacherCacheConfig, as_config as _cache_config
+from .teacher_ensemble import TeacherEnsemble, load_teachers, teacher_files
 
 
 @dataclass
@@ -60,7 +60,8 @@ class DistillModule(EvaluationSteps, L.LightningModule):
     Args:
         student: a `StudentConfig` (recipes), or a model from `distill.build_student` (Python API).
         teacher: path of a step-1 checkpoint (or state_dict / safetensors file), or a model from
-            `distill.build_teacher`; None only for `loss.mode: none` or inference.
+            `distill.build_teacher`, or a list of them: an ensemble whose combined logits teach
+            (`teacher_combine`); None only for `loss.mode: none` or inference.
         loss: `DistillationLoss`; `alpha` weighs the distillation term.
         lr: peak learning rate of AdamW (DeiT: 5e-4 x global batch / 512).
         weight_decay: AdamW weight decay, not applied to norms, biases, position embedding, tokens.
@@ -74,10 +75,14 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             lr_reference_batch (DeiT: lr 5e-4, reference 512). None = `lr` as given.
         ema_decay: decay of an exponential moving average of the student's weights, evaluated as
             `val/acc_ema`; None = off.
-        teacher_sha256: expected sha256 of the teacher file (filled in automatically; a mismatch when
-            loading or resuming is an error).
+        teacher_sha256: expected sha256 of the teacher file (one per teacher for an ensemble; filled in
+            automatically; a mismatch when loading or resuming is an error).
         teacher_model: timm architecture of a teacher given as a plain state_dict or safetensors file
-            (e.g. `regnety_160`); checkpoints of this toolkit record their own.
+            (e.g. `regnety_160`; one per teacher for an ensemble); checkpoints of this toolkit record
+            their own.
+        teacher_combine: how an ensemble's logits are combined: `mean_logits` or `mean_probs` (the
+            log of the mean probability); hard distillation takes the combination's argmax. Each
+            teacher's accuracy is logged as `val/acc_teacher_<i>`, the combination's as `val/acc_teacher`.
         teacher_dtype: dtype the frozen teacher's weights and inputs are kept in during training
             (`float32`, `bfloat16`, `float16`); None = `bfloat16` under `precision: bf16-mixed`
             (saves autocast's per-step weight casts), float32 otherwise.
@@ -89,6 +94,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         teacher_cache: opt-in teacher-output cache (`distill.teacher_cache.TeacherCacheConfig`, or just
             its directory): the teacher runs once per sample view, training reads its stored outputs.
             Needs `data.keyed_views: true`; refused when its teacher, data or transforms differ.
+        feature_guidance: match the student's intermediate patch tokens to the teacher's feature maps
+            (`distill.feature_guidance.FeatureGuidanceConfig`: student_blocks, teacher_layers, weight);
+            logged as `train/loss_feature`. None = off.
     """
 
     prog_bar_metrics = ("acc", "acc_teacher")
@@ -96,7 +104,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
     def __init__(
         self,
         student: Union[StudentConfig, nn.Module] = StudentConfig(),  # noqa: B008 - a frozen default
-        teacher: Union[str, nn.Module, None] = None,
+        teacher: Union[str, list[str], nn.Module, None] = None,
         loss: Union[DistillationLoss, None] = None,
         lr: float = 5e-4,
         weight_decay: float = 0.05,
@@ -106,16 +114,18 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         cooldown_epochs: float = 0.0,
         lr_reference_batch: int | None = None,
         ema_decay: float | None = None,
-        teacher_sha256: str | None = None,
-        teacher_model: str | None = None,
+        teacher_sha256: Union[str, list[Optional[str]], None] = None,
+        teacher_model: Union[str, list[Optional[str]], None] = None,
+        teacher_combine: Literal["mean_logits", "mean_probs"] = "mean_logits",
         teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         teacher_channels_last: bool = False,
         compile_student: bool = False,
         compile_teacher: bool = False,
         teacher_cache: Union[TeacherCacheConfig, str, None] = None,
+        feature_guidance: Optional[FeatureGuidanceConfig] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache"])
+        self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache", "feature_guidance"])
         for key in ("_instantiator", "_class_path"):  # keep checkpoints loadable without jsonargparse
             self._hparams.pop(key, None)
         self.hparams["distill_kind"] = STUDENT_KIND
@@ -127,10 +137,20 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         self.teacher_cache_config = _cache_config(teacher_cache)
         self.hparams["teacher_cache"] = asdict(self.teacher_cache_config) if self.teacher_cache_config else None
 
-        self.teacher = FrozenTeacher.load(teacher, teacher_sha256, teacher_model) if teacher is not None else None
-        self.hparams["teacher"] = self.teacher.identity.get("path") if self.teacher is not None else None
-        if self.teacher is not None and self.teacher.identity.get("sha256"):
-            self.hparams["teacher_sha256"] = self.teacher.identity["sha256"]
+        self.guidance_config = as_guidance_config(feature_guidance)
+        self.hparams["feature_guidance"] = asdict(self.guidance_config) if self.guidance_config else None
+        self.guidance: FeatureGuidance | None = None
+
+        self.teacher = load_teachers(teacher, teacher_sha256, teacher_model, teacher_combine)
+        path, sha = teacher_files(self.teacher)
+        self.hparams["teacher"] = path
+        if sha is not None and (not isinstance(sha, list) or any(sha)):
+            self.hparams["teacher_sha256"] = sha
+        if self.guidance_config is not None and self.teacher is None:
+            raise ValueError("model.feature_guidance needs a teacher; pass model.teacher or drop feature_guidance")
+        if self.guidance_config is not None and self.teacher_cache_config is not None:
+            raise ValueError("model.feature_guidance reads the live teacher's feature maps every step, which the "
+                             "teacher cache does not store; drop model.teacher_cache or feature_guidance")
 
         if isinstance(student, dict):
             student = StudentConfig(**student)
@@ -211,10 +231,16 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             names = ["acc", "acc_cls", "acc_dist", "acc_top5"]
             if self.teacher is not None:
                 names += ["acc_teacher", "agreement", "acc_teacher_top5"]
+            if isinstance(self.teacher, TeacherEnsemble):
+                names += [f"acc_teacher_{i}" for i in range(len(self.teacher.members))]
             if self.hparams.ema_decay:
                 names.append("acc_ema")
             self.val_metrics = accuracy_metrics(num_classes, names)
             self.test_metrics = accuracy_metrics(num_classes, names)
+        if self.guidance_config is not None and self.guidance is None:
+            meta = model_meta(self.student)
+            self.guidance = FeatureGuidance(self.guidance_config, self.student, self.teacher, meta["in_chans"],
+                                            meta["img_size"])
         if self.hparams.ema_decay and self.student_ema is None:
             from timm.utils import ModelEmaV3
 
@@ -227,18 +253,26 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]  # (x, y) or (x, y, keys) with data.keyed_views
-        z_t = self.teacher.training_logits(batch) if self.loss.needs_teacher else None
-        out = self.student(x)
-        terms = self.loss(out, z_t, y)
+        z_t = self.teacher.training_logits(batch) if self.loss.needs_teacher or self.guidance else None
+        if self.guidance is not None:
+            out, feats = self.guidance.student_forward(self.student, x)
+            feature_loss = self.guidance.loss(feats)
+        else:
+            out, feature_loss = self.student(x), None
+        terms = self.loss(out, z_t if self.loss.needs_teacher else None, y)
         total = terms.total
+        if feature_loss is not None:
+            total = total + self.guidance.weight * feature_loss
         if not self.loss.needs_teacher and isinstance(out, tuple):
             # Without a teacher term (mode none, alpha 0) the distillation head gets no gradient; touch
             # it with a zero so DDP's unused-parameter check does not fail.
             total = total + 0.0 * out[1].sum()
         if self._log_this_step(batch_idx):
-            self.log("train/loss", terms.total, prog_bar=True)
+            self.log("train/loss", total, prog_bar=True)
             self.log("train/loss_ce", terms.ce)
             self.log("train/loss_distill", terms.distill)
+            if feature_loss is not None:
+                self.log("train/loss_feature", feature_loss)
         return total
 
     def configure_callbacks(self):
@@ -260,6 +294,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
     def on_train_start(self) -> None:
         self._ema_step = self.global_step  # also after a resume
 
+    def on_train_epoch_start(self) -> None:
+        self.loss.set_epoch(self.current_epoch)  # DKD's warm-up reads it
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Once per optimizer step, not per micro-batch: with gradient accumulation global_step only
         # advances on the micro-batch where the optimizer stepped.
@@ -277,7 +314,13 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         if "acc_top5" in metrics:
             metrics["acc_top5"].update(fused, y)
         if self.teacher is not None:
-            z_t = self.teacher(x)
+            if isinstance(self.teacher, TeacherEnsemble):
+                members = self.teacher.member_logits(x)
+                for i, z in enumerate(members):
+                    metrics[f"acc_teacher_{i}"].update(z, y)
+                z_t = self.teacher.combined(members)
+            else:
+                z_t = self.teacher(x)
             metrics["acc_teacher"].update(z_t, y)
             metrics["agreement"].update(fused, z_t.argmax(-1))
             if "acc_teacher_top5" in metrics:
@@ -288,7 +331,8 @@ class DistillModule(EvaluationSteps, L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         return optimizer_config(self, self.student, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio,
-                                hp.warmup_start_ratio, hp.cooldown_epochs, hp.lr_reference_batch)
+                                hp.warmup_start_ratio, hp.cooldown_epochs, hp.lr_reference_batch,
+                                extra=self.guidance)
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_fit_start(self) -> None:
@@ -324,12 +368,16 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         # current weights back so the strict state_dict load still checks every student key.
         # Resuming (`trainer.fit(ckpt_path=...)`) builds the module from the recipe, without the recorded
         # teacher_sha256: compare the file's digest with the checkpoint's here.
-        saved, current = (checkpoint.get("distill_teacher") or {}).get("sha256"), self.teacher_identity.get("sha256")
-        if saved and current and saved != current:
-            raise ValueError(
-                f"model.teacher: {self.teacher_identity.get('path')!r} has sha256 {current[:12]}... but the checkpoint "
-                f"was trained with {saved[:12]}...; the teacher file changed since, restore it or start a new run"
-            )
+        saved = checkpoint.get("distill_teacher") or {}
+        saved_members = saved.get("members") or [saved]
+        current_members = self.teacher_identity.get("members") or [self.teacher_identity]
+        for i, (was, now) in enumerate(zip(saved_members, current_members)):
+            if was.get("sha256") and now.get("sha256") and was["sha256"] != now["sha256"]:
+                field = "model.teacher" if len(current_members) == 1 else f"model.teacher[{i}]"
+                raise ValueError(
+                    f"{field}: {now.get('path')!r} has sha256 {now['sha256'][:12]}... but the checkpoint was "
+                    f"trained with {was['sha256'][:12]}...; the teacher file changed since, restore it or start a new run"
+                )
         if self.teacher is not None:
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.student is None:  # a checkpoint of a module whose student is built lazily

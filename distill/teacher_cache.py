@@ -280,7 +280,10 @@ class TeacherCache:
         if reduced:
             rtol = max(rtol, 2e-2)
         bad = ((c - l).abs() > atol + rtol * l.abs()).float().mean().item()
-        top1 = (cached.argmax(-1) == live.argmax(-1)).float().mean().item()
+        # the argmax must agree wherever the live teacher is decisive; near-ties may flip with rounding
+        top2 = live.topk(min(2, live.shape[-1]), dim=-1).values
+        tie = (top2[:, 0] - top2[:, -1]) <= 2 * (atol + rtol * top2[:, 0].abs())
+        top1 = ((cached.argmax(-1) == live.argmax(-1)) | tie).float().mean().item()
         if bad > 0.01 or top1 < (0.95 if reduced else 0.99):
             worst = (c - l).abs().max().item()
             raise ValueError(

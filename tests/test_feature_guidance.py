@@ -1,0 +1,105 @@
+"""Feature guidance (locality guidance): the loss is the authors' (projected student map vs teacher map,
+bilinear to the larger grid, MSE summed over pairs), it trains the projections with the student, is
+logged on its own, works with and without the distillation token, survives a checkpoint, and bad
+settings give one-line errors."""
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+
+from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, build_teacher
+from distill.feature_guidance import FeatureGuidanceConfig
+
+STUDENT = dict(patch_size=2, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
+GUIDE = dict(student_blocks=[0, -1], teacher_layers=["stages.0", "stages.2"], weight=2.5)
+
+
+def teacher(dm):
+    torch.manual_seed(0)
+    return build_teacher("cifar_resnet10", dm.num_classes, in_chans=dm.in_chans, img_size=dm.img_size, mean=dm.mean,
+                         std=dm.std, class_names=dm.class_names, base_width=8)
+
+
+def digits():
+    return ImageDataModule("digits", img_size=8, batch_size=32)
+
+
+def test_guidance_loss_is_the_authors_formula():
+    dm = digits()
+    module = DistillModule(StudentConfig(**STUDENT, num_classes=10, img_size=8, in_chans=1), teacher=teacher(dm),
+                           feature_guidance=FeatureGuidanceConfig(**GUIDE))
+    guidance = module.guidance
+    # student maps: 4x4 patch grid, width 32; teacher stages.0 is 8x8 with 8 channels, stages.2 2x2 with 32
+    assert [p.in_channels for p in guidance.proj] == [32, 32]
+    assert [p.out_channels for p in guidance.proj] == [8, 32]
+    x = torch.randn(4, 1, 8, 8)
+    out, feats = guidance.student_forward(module.student.train(), x)
+    assert [tuple(f.shape) for f in feats] == [(4, 32, 4, 4), (4, 32, 4, 4)]
+    assert isinstance(out, tuple) and out[0].shape == (4, 10)  # (z_cls, z_dist) as student(x) returns
+    module.teacher(x)
+    t0, t2 = module.teacher.watched(["stages.0", "stages.2"])
+    expected = (F.mse_loss(F.interpolate(guidance.proj[0](feats[0]), (8, 8), mode="bilinear"), t0)
+                + F.mse_loss(guidance.proj[1](feats[1]), F.interpolate(t2, (4, 4), mode="bilinear")))
+    torch.testing.assert_close(guidance.loss(feats), expected)
+
+
+@pytest.mark.parametrize("distilled", [True, False])
+def test_guidance_trains_projections_with_the_student_and_is_logged(trainer_factory, distilled, tmp_path):
+    dm = digits()
+    loss = DistillationLoss("hard") if distilled else DistillationLoss("none")
+    module = DistillModule(StudentConfig(**STUDENT, distilled=distilled,
+                                         name="deit_tiny_distilled_patch16_224"), teacher=teacher(dm), loss=loss,
+                           feature_guidance=FeatureGuidanceConfig(**GUIDE), warmup_epochs=0, lr=3e-3)
+    before = []
+
+    class Snapshot(L.Callback):  # the projections exist once the student is built from the data
+        def on_train_start(self, trainer, pl_module):
+            before.extend(p.detach().clone() for p in pl_module.guidance.proj.parameters())
+
+    trainer = trainer_factory(max_epochs=3, limit_train_batches=10, limit_val_batches=1, log_every_n_steps=1,
+                              logger=CSVLogger(tmp_path, name="", version=""), callbacks=[Snapshot()])
+    trainer.fit(module, dm)
+    in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in module.guidance.proj.parameters()} <= in_optimizer
+    assert before and not all(torch.equal(a, b) for a, b in zip(before, module.guidance.proj.parameters()))
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/loss_feature")]
+    first, last = float(rows[0]["train/loss_feature"]), float(rows[-1]["train/loss_feature"])
+    assert last < first  # the student's maps move towards the teacher's
+    r = rows[-1]
+    total = float(r["train/loss_ce"]) if not distilled else (
+        0.5 * float(r["train/loss_ce"]) + 0.5 * float(r["train/loss_distill"]))
+    assert float(r["train/loss"]) == pytest.approx(total + 2.5 * float(r["train/loss_feature"]), rel=1e-4)
+
+
+def test_guidance_projections_survive_a_checkpoint(trainer_factory, tiny_teacher_ckpt, tmp_path):
+    module = DistillModule(StudentConfig(**STUDENT), teacher=str(tiny_teacher_ckpt), warmup_epochs=0,
+                           feature_guidance=dict(GUIDE))
+    trainer = trainer_factory(max_steps=2, limit_val_batches=0)
+    trainer.fit(module, digits())
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = DistillModule.load_from_checkpoint(path)
+    for a, b in zip(module.guidance.proj.parameters(), loaded.guidance.proj.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_guidance_settings_are_one_line_errors(tiny_teacher_ckpt, tmp_path):
+    dm = digits()
+    cfg = StudentConfig(**STUDENT, num_classes=10, img_size=8, in_chans=1)
+    with pytest.raises(ValueError, match="has no module 'layer9'; choose among .*stages"):
+        DistillModule(cfg, teacher=teacher(dm), feature_guidance=dict(GUIDE, teacher_layers=["stages.0", "layer9"]))
+    with pytest.raises(ValueError, match="block 5 does not exist in a student of depth 2"):
+        DistillModule(cfg, teacher=teacher(dm), feature_guidance=dict(GUIDE, student_blocks=[0, 5]))
+    with pytest.raises(ValueError, match="pair up one to one"):
+        DistillModule(cfg, teacher=teacher(dm), feature_guidance=dict(GUIDE, student_blocks=[0]))
+    with pytest.raises(ValueError, match="teacher cache does not store"):
+        DistillModule(cfg, teacher=teacher(dm), feature_guidance=dict(GUIDE), teacher_cache=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillModule(cfg, loss=DistillationLoss("none"), feature_guidance=dict(GUIDE))
+    with pytest.raises(ValueError, match=r"does not output a \(B, C, H, W\)"):
+        DistillModule(cfg, teacher=teacher(dm), feature_guidance=dict(GUIDE, teacher_layers=["stages.0", "head"]))

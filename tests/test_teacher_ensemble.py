@@ -1,0 +1,132 @@
+"""Several teachers: combination rules, per-teacher metrics, lineage of every teacher in the checkpoint,
+a changed member refused, the cache keyed on every teacher, and a list of teachers from a recipe."""
+from __future__ import annotations
+
+import shutil
+
+import lightning as L
+import pytest
+import torch
+
+from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig
+from distill.cli import DistillCLI
+from distill.teacher_cache import TeacherCacheConfig
+from distill.teacher_ensemble import TeacherEnsemble, combine_logits
+
+from conftest import TINY_STUDENT
+
+
+def test_combine_rules():
+    a = torch.tensor([[2.0, 0.0, -1.0]])
+    b = torch.tensor([[0.0, 1.0, 3.0]])
+    assert torch.allclose(combine_logits([a, b], "mean_logits"), (a + b) / 2)
+    mean_p = (a.softmax(-1) + b.softmax(-1)) / 2
+    combined = combine_logits([a, b], "mean_probs")
+    assert torch.allclose(combined.softmax(-1), mean_p, atol=1e-6)
+    assert torch.allclose(combined.exp().sum(-1), torch.ones(1), atol=1e-6)  # log-probabilities
+    # the rules can disagree on the argmax, which is what hard distillation follows
+    sure, unsure = torch.tensor([[10.0, 0.0, 0.0]]), torch.tensor([[-10.0, 1.0, 0.0]])
+    assert int(combine_logits([sure, unsure], "mean_logits").argmax()) == 1
+    assert int(combine_logits([sure, unsure], "mean_probs").argmax()) == 0
+
+
+def change_fc(path, delta: float = 1.0) -> None:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("fc.weight"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + delta * torch.randn_like(ckpt["state_dict"][key])
+    torch.save(ckpt, path)
+
+
+@pytest.fixture
+def two_teachers(tiny_teacher_ckpt, tmp_path):
+    """Two step-1 checkpoints of the same tiny architecture with different heads."""
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    shutil.copy(tiny_teacher_ckpt, a)
+    shutil.copy(tiny_teacher_ckpt, b)
+    torch.manual_seed(1)
+    change_fc(b, 0.5)
+    return a, b
+
+
+def fit(module, trainer_factory, dm=None, **kwargs):
+    dm = dm or ImageDataModule("digits", img_size=8, batch_size=32)
+    trainer = trainer_factory(**{"max_steps": 3, "limit_val_batches": 2, "val_check_interval": 3, **kwargs})
+    trainer.fit(module, dm)
+    return trainer
+
+
+@pytest.mark.parametrize("combine", ["mean_logits", "mean_probs"])
+def test_ensemble_teaches_with_its_combination_and_logs_each_teacher(two_teachers, trainer_factory, combine):
+    module = DistillModule(StudentConfig(**TINY_STUDENT), teacher=[str(p) for p in two_teachers],
+                           teacher_combine=combine, loss=DistillationLoss("hard"), warmup_epochs=0)
+    assert isinstance(module.teacher, TeacherEnsemble) and len(module.teacher.members) == 2
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x = batch[0]
+            members = [m(x) for m in pl_module.teacher.members]
+            seen.setdefault("expected", combine_logits(members, combine))
+            seen.setdefault("given", pl_module.teacher.training_logits(batch))
+
+    dm = ImageDataModule("digits", img_size=8, batch_size=32)
+    trainer = fit(module, trainer_factory, dm, callbacks=[Spy()])
+    torch.testing.assert_close(seen["given"], seen["expected"])
+    metrics = trainer.callback_metrics
+    # each teacher's accuracy and the combination's, counted by hand on the same two validation batches
+    batches = [b for _, b in zip(range(2), dm.val_dataloader())]
+    hits, n = torch.zeros(3), 0
+    with torch.no_grad():
+        for x, y in batches:
+            members = [m(x) for m in module.teacher.members]
+            for i, z in enumerate([*members, combine_logits(members, combine)]):
+                hits[i] += (z.argmax(-1) == y).sum()
+            n += len(y)
+    for i, name in enumerate(("val/acc_teacher_0", "val/acc_teacher_1", "val/acc_teacher")):
+        assert float(metrics[name]) == pytest.approx(float(hits[i]) / n), name
+
+
+def test_checkpoint_records_every_teacher_and_refuses_a_changed_one(two_teachers, trainer_factory, tmp_path):
+    paths = [str(p) for p in two_teachers]
+    module = DistillModule(StudentConfig(**TINY_STUDENT), teacher=paths, warmup_epochs=0)
+    trainer = fit(module, trainer_factory)
+    ckpt_path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(ckpt_path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    members = ckpt["distill_teacher"]["members"]
+    assert [m["path"] for m in members] == [str(p.resolve()) for p in two_teachers]
+    assert len({m["sha256"] for m in members}) == 2
+    assert ckpt["hyper_parameters"]["teacher"] == [m["path"] for m in members]
+    assert ckpt["hyper_parameters"]["teacher_sha256"] == [m["sha256"] for m in members]
+
+    loaded = DistillModule.load_from_checkpoint(ckpt_path)
+    assert isinstance(loaded.teacher, TeacherEnsemble)
+    change_fc(two_teachers[1])
+    with pytest.raises(ValueError, match=r"model.teacher\[1\].*sha256"):
+        DistillModule.load_from_checkpoint(ckpt_path)
+
+
+def test_cache_keys_on_every_teacher(two_teachers, trainer_factory, tmp_path):
+    dm_kwargs = dict(img_size=8, batch_size=32, keyed_views=True, view_epochs=1)
+    cache = TeacherCacheConfig(dir=str(tmp_path / "cache"))
+
+    def run():
+        module = DistillModule(StudentConfig(**TINY_STUDENT), teacher=[str(p) for p in two_teachers],
+                               teacher_cache=cache, warmup_epochs=0)
+        fit(module, trainer_factory, ImageDataModule("digits", **dm_kwargs), max_steps=2, limit_val_batches=0)
+
+    run()
+    run()  # the same ensemble reads its cache
+    change_fc(two_teachers[1])
+    with pytest.raises(ValueError, match="stale: its teacher differs"):
+        run()
+
+
+def test_a_list_of_teachers_from_the_command_line(two_teachers, tmp_path):
+    a, b = two_teachers
+    cli = DistillCLI(args=["--config", "recipes/digits/student.yaml", "--model.init_args.teacher", f"[{a}, {b}]",
+                           "--model.init_args.teacher_combine", "mean_probs",
+                           "--model.init_args.student.depth", "1", "--model.init_args.student.embed_dim", "32",
+                           "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    assert isinstance(cli.model.teacher, TeacherEnsemble) and cli.model.teacher.combine == "mean_probs"
