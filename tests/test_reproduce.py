@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import load_tool
@@ -49,3 +50,45 @@ def test_reproduce_writes_results_json_markdown_and_plot(tmp_path):
     with Image.open(out / "results.png") as im:
         assert im.size == (800, 400)
         assert len(set(im.convert("L").getdata())) > 2
+
+
+@pytest.mark.slow
+def test_study_resumes_and_runs_the_new_variants(tmp_path):
+    """A study interrupted after some runs picks up where it stopped: the teacher and the runs already in
+    results.json are kept; the feature-guidance variant reads the recipe's guidance.yaml."""
+    os.environ["WANDB_MODE"] = "offline"
+    out = tmp_path / "study"
+    args = [str(REPO / "recipes/digits"), "--out", str(out), *TINY, "--student.model.init_args.student.depth", "3"]
+    assert reproduce.main([*args, "--seeds", "1", "--variants", "none"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in first["runs"]] == [("none", 0)]
+    assert reproduce.main([*args, "--seeds", "2", "--variants", "none", "lg"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["teacher"] == first["teacher"]  # not trained again
+    assert second["runs"][:1] == first["runs"]  # kept as it was
+    assert sorted((r["variant"], r["seed"]) for r in second["runs"]) == [("lg", 0), ("lg", 1), ("none", 0), ("none", 1)]
+    hp = {r["variant"]: torch.load(r["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]
+          for r in second["runs"] if r["seed"] == 1}
+    assert hp["lg"]["feature_guidance"]["teacher_layers"] == ["stages.0", "stages.1", "stages.2"]
+    assert hp["none"]["feature_guidance"] is None
+    assert {row["variant"]: row["n"] for row in second["table"]} == {"none": 2, "lg": 2}
+
+
+@pytest.mark.parametrize("variant", sorted(reproduce.VARIANTS))
+def test_every_variant_resolves_to_its_method(variant):
+    from distill.cli import DistillCLI
+
+    recipe = REPO / "recipes/digits"
+    extra = reproduce.guidance_args(recipe) if variant in reproduce.GUIDED else []
+    config = DistillCLI.parse_recipe(["--config", str(recipe / "student.yaml"), *extra, *reproduce.VARIANTS[variant]])
+    init = config["model"]["init_args"]
+    loss = init["loss"] if isinstance(init["loss"], dict) else vars(init["loss"])
+    loss = loss.get("init_args", loss)
+    expected = {"none": ("none", False), "soft": ("soft", False), "hard": ("hard", False), "token": ("hard", True),
+                "dkd": ("dkd", True), "dist": ("dist", True), "ls": ("soft", True), "lg": ("hard", True),
+                "lg_dkd": ("dkd", True)}[variant]
+    assert (loss["mode"], init["student"]["distilled"]) == expected
+    assert bool(loss.get("standardize")) == (variant == "ls")
+    assert (init.get("feature_guidance") is not None) == (variant in reproduce.GUIDED)
+    if variant == "soft":
+        assert loss["kl_reduction"] == "deit" and loss["tau"] == 3.0 and loss["alpha"] == 0.1  # DeiT's soft

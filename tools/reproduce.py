@@ -1,18 +1,28 @@
-"""Reproduce DeiT's distillation ablation (Touvron et al. 2021, Table 3) on any recipe.
+"""Reproduce DeiT's distillation ablation (Touvron et al. 2021, Table 3) on any recipe, and compare the
+stronger methods the toolkit offers.
 
-Trains the teacher once, then the same student under DeiT's variants over N seeds:
+Trains the teacher once, then the same student under each variant over N seeds:
 
     none        no distillation (a plain ViT, class token only)
-    soft        usual (Hinton) distillation, no distillation token: KL at tau 3, alpha 0.1
+    soft        usual (Hinton) distillation, no distillation token: KL at tau 3, alpha 0.1, reduced as
+                DeiT's code does (kl_reduction deit)
     hard        hard distillation without token: the class token learns from the teacher's labels
     token       DeiT: distillation token with hard distillation (alpha 0.5), reported per head:
                 class head, distillation head and both heads fused
+    dkd         token, DKD on the distillation head (Zhao et al. 2022; tau 4, TCKD 1, NCKD 8, alpha 0.5)
+    dist        token, DIST on the distillation head (Huang et al. 2022; tau 4, alpha 0.5)
+    ls          token, KL on standardised logits (Sun et al. 2024; tau 2, alpha 0.9)
+    lg          token (hard) plus feature guidance from the CNN (Li et al. 2022); the pairs of student
+                blocks and teacher layers come from the recipe folder's `guidance.yaml`
+    lg_dkd      lg with DKD instead of hard distillation on the distillation head
 
     python tools/reproduce.py recipes/digits --seeds 3 --out results/digits
 
 writes OUT/results.json (every run), OUT/results.md (mean +- std per variant, teacher accuracy, hardware,
-wall time, the command) and OUT/results.png (a bar chart with error bars). Extra `--section.key VALUE`
-overrides go to both steps (`--teacher.` / `--student.` for one), as in `distill pipeline`.
+wall time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
+in OUT/results.json (and the teacher, while its checkpoint exists) are kept, so a study can span
+sessions. Extra `--section.key VALUE` overrides go to both steps (`--teacher.` / `--student.` for one),
+as in `distill pipeline`.
 """
 from __future__ import annotations
 
@@ -29,15 +39,24 @@ import torch
 
 from distill.pipeline import resolve_recipe, run_step, split_overrides
 
+TOKEN = ["--model.init_args.student.distilled", "true"]
+NO_TOKEN = ["--model.init_args.student.distilled", "false"]
+LOSS = "--model.init_args.loss."
 VARIANTS = {
-    "none": ["--model.init_args.student.distilled", "false", "--model.init_args.loss.mode", "none"],
-    "soft": ["--model.init_args.student.distilled", "false", "--model.init_args.loss.mode", "soft",
-             "--model.init_args.loss.tau", "3.0", "--model.init_args.loss.alpha", "0.1"],
-    "hard": ["--model.init_args.student.distilled", "false", "--model.init_args.loss.mode", "hard",
-             "--model.init_args.loss.alpha", "0.5"],
-    "token": ["--model.init_args.student.distilled", "true", "--model.init_args.loss.mode", "hard",
-              "--model.init_args.loss.alpha", "0.5"],
+    "none": [*NO_TOKEN, LOSS + "mode", "none"],
+    "soft": [*NO_TOKEN, LOSS + "mode", "soft", LOSS + "tau", "3.0", LOSS + "alpha", "0.1", LOSS + "kl_reduction", "deit"],
+    "hard": [*NO_TOKEN, LOSS + "mode", "hard", LOSS + "alpha", "0.5"],
+    "token": [*TOKEN, LOSS + "mode", "hard", LOSS + "alpha", "0.5"],
+    "dkd": [*TOKEN, LOSS + "mode", "dkd", LOSS + "tau", "4.0", LOSS + "alpha", "0.5", LOSS + "dkd_alpha", "1.0",
+            LOSS + "dkd_beta", "8.0"],
+    "dist": [*TOKEN, LOSS + "mode", "dist", LOSS + "tau", "4.0", LOSS + "alpha", "0.5"],
+    "ls": [*TOKEN, LOSS + "mode", "soft", LOSS + "standardize", "true", LOSS + "tau", "2.0", LOSS + "alpha", "0.9"],
+    "lg": [*TOKEN, LOSS + "mode", "hard", LOSS + "alpha", "0.5"],
+    "lg_dkd": [*TOKEN, LOSS + "mode", "dkd", LOSS + "tau", "4.0", LOSS + "alpha", "0.5", LOSS + "dkd_alpha", "1.0",
+               LOSS + "dkd_beta", "8.0"],
 }
+GUIDED = {"lg", "lg_dkd"}  # read RECIPE/guidance.yaml
+DEIT_VARIANTS = ["none", "soft", "hard", "token"]
 # What goes in the table: (row label, variant, metric)
 ROWS = [
     ("no distillation", "none", "val/acc"),
@@ -46,7 +65,14 @@ ROWS = [
     ("distillation token: class head", "token", "val/acc_cls"),
     ("distillation token: distillation head", "token", "val/acc_dist"),
     ("distillation token: both heads fused", "token", "val/acc"),
+    ("token + DKD, fused", "dkd", "val/acc"),
+    ("token + DIST, fused", "dist", "val/acc"),
+    ("token + KL on standardised logits, fused", "ls", "val/acc"),
+    ("token + feature guidance (hard), fused", "lg", "val/acc"),
+    ("token + feature guidance + DKD, fused", "lg_dkd", "val/acc"),
 ]
+SHORT = {"none": "no\ndistillation", "soft": "soft (tau 3)\nno token", "hard": "hard\nno token", "dkd": "token\n+DKD",
+         "dist": "token\n+DIST", "ls": "token\n+LS", "lg": "token\n+guidance", "lg_dkd": "token+guid.\n+DKD"}
 
 
 def hardware() -> str:
@@ -67,31 +93,64 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides: list[str], command: str) -> dict:
-    recipe_dir = resolve_recipe(recipe)
-    steps = split_overrides(overrides)
-    start = time.perf_counter()
-    teacher_ckpt, teacher_metrics, teacher_seconds = run_step(recipe_dir / "teacher.yaml", steps["teacher"], out / "teacher")
-    runs = []
-    for variant in variants:
-        for seed in range(seeds):
-            args = [*steps["student"], *VARIANTS[variant], "--seed_everything", str(seed),
-                    "--model.init_args.teacher", teacher_ckpt]
-            ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, out / f"{variant}-seed{seed}")
-            runs.append({"variant": variant, "seed": seed, "checkpoint": ckpt, "seconds": round(seconds, 1),
-                         "metrics": metrics})
-    results = {
-        "recipe": str(recipe_dir), "command": command, "hardware": hardware(),
-        "teacher": {"checkpoint": teacher_ckpt, "val/acc": teacher_metrics.get("val/acc"),
-                    "seconds": round(teacher_seconds, 1)},
-        "runs": runs, "seconds": round(time.perf_counter() - start, 1),
-    }
-    results["table"] = [
+def guidance_args(recipe_dir: Path) -> list[str]:
+    """The extra config of the feature-guidance variants: RECIPE/guidance.yaml (which student blocks and
+    teacher layers to pair depends on the recipe's models)."""
+    path = recipe_dir / "guidance.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"variant lg needs {path} (model.init_args.feature_guidance for this recipe's "
+                                f"student and teacher); add it or leave the lg variants out")
+    return ["--config", str(path)]
+
+
+def table(runs: list[dict], variants: list[str]) -> list[dict]:
+    return [
         {"row": label, "variant": v, "metric": m,
          **dict(zip(("mean", "std"), mean_std([r["metrics"][m] for r in runs if r["variant"] == v]))),
          "n": sum(r["variant"] == v for r in runs)}
-        for label, v, m in ROWS if v in variants
+        for label, v, m in ROWS if v in variants and any(r["variant"] == v for r in runs)
     ]
+
+
+def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides: list[str], command: str,
+              save=None, previous: dict | None = None) -> dict:
+    """Runs what `previous` (an earlier results.json of the same study) does not hold yet; `save(results)`
+    is called after the teacher and after every student run, so an interrupted study loses one run."""
+    recipe_dir = resolve_recipe(recipe)
+    steps = split_overrides(overrides)
+    previous = previous or {}
+    results = {"recipe": str(recipe_dir), "command": command, "hardware": hardware(),
+               "teacher": previous.get("teacher"), "runs": list(previous.get("runs") or []),
+               "seconds": float(previous.get("seconds") or 0.0)}
+    start = time.perf_counter()
+
+    def checkpoint() -> None:
+        results["table"] = table(results["runs"], variants)
+        results["seconds"] = round(float(previous.get("seconds") or 0.0) + time.perf_counter() - start, 1)
+        if save is not None:
+            save(results)
+
+    teacher = results["teacher"]
+    if not teacher or not Path(teacher.get("checkpoint") or "").is_file():
+        ckpt, metrics, seconds = run_step(recipe_dir / "teacher.yaml", steps["teacher"], out / "teacher")
+        results["teacher"] = {"checkpoint": ckpt, "val/acc": metrics.get("val/acc"), "seconds": round(seconds, 1),
+                              "metrics": metrics}
+        results["runs"] = []  # students of another teacher do not belong to this study
+        checkpoint()
+    teacher_ckpt = results["teacher"]["checkpoint"]
+    done = {(r["variant"], r["seed"]) for r in results["runs"]}
+    for variant in variants:
+        extra = guidance_args(recipe_dir) if variant in GUIDED else []
+        for seed in range(seeds):
+            if (variant, seed) in done:
+                continue
+            args = [*extra, *steps["student"], *VARIANTS[variant], "--seed_everything", str(seed),
+                    "--model.init_args.teacher", teacher_ckpt]
+            ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, out / f"{variant}-seed{seed}")
+            results["runs"].append({"variant": variant, "seed": seed, "checkpoint": ckpt, "seconds": round(seconds, 1),
+                                    "metrics": metrics})
+            checkpoint()
+    checkpoint()
     return results
 
 
@@ -123,21 +182,23 @@ def write_plot(results: dict, path: Path) -> None:
     rows = results["table"]
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     xs = range(len(rows))
+    palette = {"none": "#999999", "soft": "#6baed6", "hard": "#3182bd", "token": "#fd8d3c", "dkd": "#74c476",
+               "dist": "#31a354", "ls": "#9e9ac8", "lg": "#e6550d", "lg_dkd": "#a63603"}
     ax.bar(xs, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], capsize=4,
-           color=["#999999", "#6baed6", "#3182bd", "#fdae6b", "#e6550d", "#a63603"][: len(rows)])
+           color=[palette[r["variant"]] for r in rows])
     teacher = results["teacher"]["val/acc"]
     if teacher is not None:
         ax.axhline(100 * teacher, color="black", linestyle="--", linewidth=1, label=f"teacher {100 * teacher:.1f}")
         ax.legend(loc="lower right")
     low = min(100 * (r["mean"] - r["std"]) for r in rows)
     ax.set_ylim(max(0, low - 5), 100)
-    short = {"none": "no\ndistillation", "soft": "soft (tau 3)\nno token", "hard": "hard\nno token"}
-    labels = [short[r["variant"]] if r["variant"] in short else "token:\n" + r["row"].split(": ")[1] for r in rows]
-    ax.set_xticks(list(xs), labels, fontsize=8)
+    labels = ["token:\n" + r["row"].split(": ")[1] if r["variant"] == "token" else SHORT[r["variant"]] for r in rows]
+    fig.set_size_inches(max(8, 1.0 * len(rows)), 4)
+    ax.set_xticks(list(xs), labels, fontsize=7)
     for x, r in zip(xs, rows):
         ax.text(x, 100 * (r["mean"] + r["std"]) + 0.3, f"{100 * r['mean']:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("val top-1 (%)")
-    ax.set_title(f"DeiT distillation ablation, {Path(results['recipe']).name} ({results['hardware'].split(' (')[0]})")
+    ax.set_title(f"Distillation variants, {Path(results['recipe']).name} ({results['hardware'].split(' (')[0]})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -146,7 +207,8 @@ def write_plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="recipe folder with teacher.yaml and student.yaml")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEIT_VARIANTS,
+                        help=f"default: DeiT's ablation ({' '.join(DEIT_VARIANTS)})")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=None, help="output folder (default results/<recipe name>)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -154,10 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"results/{Path(args.recipe).name}")
     out.mkdir(parents=True, exist_ok=True)
     command = "python tools/reproduce.py " + shlex.join(argv)
-    results = run_study(args.recipe, args.variants, args.seeds, out / "runs", overrides, command)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, out / "results.md")
-    write_plot(results, out / "results.png")
+    path = out / "results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    if previous and previous.get("command") != command:
+        print(f"resuming {path} (written by: {previous.get('command')})", file=sys.stderr)
+
+    def save(results: dict) -> None:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(path)
+        if results["table"]:
+            write_markdown(results, out / "results.md")
+            write_plot(results, out / "results.png")
+
+    run_study(args.recipe, args.variants, args.seeds, out / "runs", overrides, command, save=save, previous=previous)
     print((out / "results.md").read_text())
     return 0
 
