@@ -60,7 +60,10 @@ class TeacherCacheConfig:
     """Opt-in teacher-output cache (`model.teacher_cache`); needs `data.keyed_views: true`.
 
     Args:
-        dir: cache directory; built there at the start of training when it holds no cache.
+        dir: cache directory; built there at the start of training when it holds no cache. `{teacher_dir}`
+            stands for the teacher's run folder (the parent of its checkpoints/ folder; the first
+            teacher's for an ensemble), so a recipe can keep each teacher's cache next to it, e.g.
+            `{teacher_dir}/cache`.
         topk: classes stored per view (the largest logits plus the logsumexp), exact for hard
             distillation only; None = all logits (what soft, DKD and DIST need); `auto` = 10 for hard
             distillation, all logits otherwise.
@@ -86,8 +89,10 @@ def resolve_topk(cfg: TeacherCacheConfig, argmax_only: bool, num_classes: int) -
     from dataclasses import replace
 
     if cfg.topk == "auto":
-        return replace(cfg, topk=10 if argmax_only else None)
-    if cfg.topk is not None and not argmax_only and int(cfg.topk) < num_classes:
+        cfg = replace(cfg, topk=10 if argmax_only else None)
+    if cfg.topk is not None and int(cfg.topk) >= num_classes:
+        return replace(cfg, topk=None)  # every logit either way: one storage layout, one manifest
+    if cfg.topk is not None and not argmax_only:
         raise ValueError(f"model.teacher_cache.topk={cfg.topk} keeps {cfg.topk} of the teacher's {num_classes} logits, "
                          f"which is exact for hard distillation only; this loss reads the whole distribution: set "
                          f"model.teacher_cache.topk to null or auto")
@@ -442,11 +447,25 @@ def _build_batches(dm, views: int, rank: int, world: int, batch_size: int | None
                       collate_fn=collate_keyed, pin_memory=torch.cuda.is_available())
 
 
+def cache_dir(cfg: TeacherCacheConfig, teacher) -> Path:
+    """`cfg.dir` with `{teacher_dir}` replaced by the teacher's run folder."""
+    if "{teacher_dir}" not in cfg.dir:
+        return Path(cfg.dir).expanduser()
+    first = teacher.members[0] if hasattr(teacher, "members") else teacher
+    path = first.identity.get("path")
+    if not path:
+        raise ValueError(f"model.teacher_cache.dir={cfg.dir!r} refers to the teacher's run folder, but the teacher "
+                         f"was given as a network, not a file; give the cache an explicit directory")
+    ckpt = Path(path)
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return Path(cfg.dir.replace("{teacher_dir}", str(run))).expanduser()
+
+
 def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> TeacherCache:
     """Opens (building it first when missing and allowed) the cache of a frozen teacher at fit start and
     checks it against the live teacher, data and transforms. Every rank builds its own shard."""
     dm = getattr(trainer, "datamodule", None)
-    directory = Path(cfg.dir).expanduser()
+    directory = cache_dir(cfg, teacher)
     expected = cache_manifest(teacher, cfg, trainer, dm)
     num_classes = teacher.identity["num_classes"]
     if dm is None:  # Python API with hand-made (x, y, keys) batches: only the teacher can be checked here

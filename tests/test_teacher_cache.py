@@ -221,3 +221,23 @@ def test_soft_distillation_with_a_topk_cache_is_refused(trainer_factory, tmp_pat
     with pytest.raises(ValueError, match="teacher_cache.topk=5 .* hard distillation only"):
         trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
     assert not (tmp_path / "cache").exists()  # refused before anything was written
+
+
+def test_cache_next_to_its_teacher_and_shared_by_hard_and_soft_when_k_covers_every_class(
+        trainer_factory, tiny_teacher_ckpt, tmp_path):
+    """`{teacher_dir}` puts the cache in the teacher's run folder; with 10 classes, hard distillation's
+    top-10 is every logit, so a soft run reads the cache a hard run built."""
+    import shutil
+
+    run = tmp_path / "teacher_run"
+    (run / "checkpoints").mkdir(parents=True)
+    teacher = run / "checkpoints" / "best.ckpt"
+    shutil.copy(tiny_teacher_ckpt, teacher)
+    cfg = TeacherCacheConfig(dir="{teacher_dir}/cache")
+    for mode in ("hard", "soft"):
+        dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True, view_epochs=1)
+        module = DistillModule(student=dict(STUDENT), teacher=str(teacher), warmup_epochs=0,
+                               loss=DistillationLoss(mode, tau=3.0), teacher_cache=cfg)
+        trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+        assert module.teacher.cache is not None
+    assert TeacherCache(run / "cache").manifest["topk"] is None
