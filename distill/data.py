@@ -385,14 +385,15 @@ class ImageDataModule(L.LightningDataModule):
             return CIFAR_STATS[self.source]
         if self.source == "synthetic":
             return (0.0,) * self.in_chans, (1.0,) * self.in_chans
-        # digits and image folders: the training images' own statistics (up to 2,000 of them)
+        from .transforms import interp_mode
+
+        # digits and image folders: the training images' own statistics (up to 2,000 of them), seen as
+        # evaluation sees them (shorter side resized, centre crop), unnormalised
         ds = self._raw_train()
         idx = np.random.default_rng(0).permutation(len(ds))[:2000]
         hp = self.hparams
-        from .transforms import _interp_mode
-
-        to_tensor = T.Compose([T.Resize(math.floor(self.img_size / hp.crop_pct), interpolation=_interp_mode(hp.interpolation)),
-                               T.CenterCrop(self.img_size), T.ToTensor()])  # what evaluation sees, unnormalised
+        to_tensor = T.Compose([T.Resize(math.floor(self.img_size / hp.crop_pct), interpolation=interp_mode(hp.interpolation)),
+                               T.CenterCrop(self.img_size), T.ToTensor()])
         x = torch.stack([to_tensor(ds[int(i)][0]) for i in idx])
         return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
@@ -439,7 +440,8 @@ class ImageDataModule(L.LightningDataModule):
             train, val = ([_sha(ds.x[i].numpy().tobytes(), ds.targets[i]) for i in range(len(ds))] for ds in sets)
             return dict(dataset=_sha("synthetic", *sorted(train + val)), val=_sha(*sorted(val)))
         train, val = self._cifar(True, None), self._cifar(False, None)
-        arrays = [_sha(np.ascontiguousarray(ds.data).tobytes(), *ds.targets) for ds in (train, val)]
+        arrays = [_sha(np.ascontiguousarray(ds.data).tobytes(), np.asarray(ds.targets, np.int64).tobytes())
+                  for ds in (train, val)]
         return dict(dataset=_sha(self.source, *arrays), val=arrays[1])
 
     def _raw_train(self) -> Dataset:

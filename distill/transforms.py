@@ -46,7 +46,7 @@ def check_crop_pct(crop_pct: float, field: str = "data.crop_pct") -> float:
     return float(crop_pct)
 
 
-def _interp_mode(name: str):
+def interp_mode(name: str):
     from timm.data.transforms import str_to_interp_mode
 
     return str_to_interp_mode(check_interpolation(name))
@@ -128,7 +128,7 @@ def build_train_transform(
         ops.append(RandomResizedCropAndInterpolation(size, scale=RRC_SCALE, ratio=RRC_RATIO,
                                                      interpolation=check_interpolation(interpolation)))
     else:  # what evaluation sees (no stretching), shifted at random for `pad`
-        ops += [T.Resize(math.floor(size / check_crop_pct(crop_pct)), interpolation=_interp_mode(interpolation)),
+        ops += [T.Resize(math.floor(size / check_crop_pct(crop_pct)), interpolation=interp_mode(interpolation)),
                 T.CenterCrop(size)]
         if crop == "pad":
             ops.append(T.RandomCrop(size, padding=max(1, size // 8)))
@@ -160,7 +160,7 @@ def build_eval_transform(spec: Mapping[str, Any]):
     interpolation = spec.get("interpolation") or "bilinear"
     crop_pct = spec.get("crop_pct")
     if crop_pct is None:
-        return T.Compose([T.Resize((size, size), interpolation=_interp_mode(interpolation)), T.ToTensor(),
+        return T.Compose([T.Resize((size, size), interpolation=interp_mode(interpolation)), T.ToTensor(),
                           T.Normalize(mean, std)])
     from timm.data.transforms_factory import transforms_imagenet_eval
 

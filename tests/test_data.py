@@ -377,3 +377,21 @@ def test_split_fingerprint_of_synthetic_and_image_folders(tmp_path):
     (copy / "train" / "ant" / "0.png").rename(copy / "val" / "ant" / "moved.png")
     moved = ImageDataModule("imagefolder", root=str(copy)).split_fingerprint
     assert moved["val"] != f["val"]
+
+
+def test_split_fingerprint_of_cifar_is_its_fixed_test_split(monkeypatch):
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    parts = {True: SimpleNamespace(data=rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), targets=[0, 1, 2, 0, 1, 2]),
+             False: SimpleNamespace(data=rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8), targets=[2, 1, 0])}
+    def fingerprint(**kwargs):
+        dm = ImageDataModule("cifar10", **kwargs)
+        monkeypatch.setattr(dm, "_cifar", lambda train, transform: parts[train])  # torchvision's .data/.targets
+        return dm.split_fingerprint
+
+    f = fingerprint(root="/nowhere")
+    assert fingerprint(root="/elsewhere", seed=3) == f  # the files decide, not the seed or where they are
+    parts[False].targets = [2, 1, 1]
+    g = fingerprint(root="/nowhere")
+    assert g["val"] != f["val"] and g["dataset"] != f["dataset"]
