@@ -2,7 +2,8 @@
 
     distill attention student.ckpt img.png photos/ --out attention/ [--layer -1] [--head 0] [--dpi 100]
 
-Each PNG shows the image as the student sees it (resized to its img_size, grayscale or RGB), the
+Each PNG shows the image as the student sees it (its validation transform: resized and centre-cropped
+to its img_size as the checkpoint records, grayscale or RGB), the
 attention of the class and distillation tokens to the patches in one block (mean of heads and per
 head), the attention rollout over all blocks, the difference of the two tokens' rollouts, and the
 token-to-token affinity matrix softmax(QK^T / sqrt(d)) of the block (one head or their mean).
@@ -17,6 +18,7 @@ from typing import Sequence
 import torch
 
 from .predict import OneLineParser, UsageError, find_images, load_images, load_student_checked
+from .transforms import eval_spec_of
 
 
 def output_names(paths: Sequence[Path]) -> list[str]:
@@ -78,11 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.head is not None and not -heads <= args.head < heads:
             raise UsageError(f"--head {args.head} is out of range; the student has {heads} heads (0..{heads - 1})")
         meta = model_meta(model)
+        spec = eval_spec_of(model)  # the validation transform the checkpoint records
         names = output_names(paths)
         out.mkdir(parents=True, exist_ok=True)
         for i in range(0, len(paths), args.batch_size):
             chunk = paths[i:i + args.batch_size]
-            x = load_images(chunk, meta)
+            x = load_images(chunk, spec)
             with torch.no_grad():
                 written = write_attention_pngs(
                     model, x, [out / n for n in names[i:i + args.batch_size]], mean=meta["mean"], std=meta["std"],

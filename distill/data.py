@@ -6,7 +6,10 @@ teacher and the student always see the same mixed images.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -28,6 +31,16 @@ CIFAR_STATS = {
 }
 
 
+def _sha(*parts: Any) -> str:
+    """sha256 of the parts, each bytes or its repr, with a separator that no part can fake."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else repr(part).encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
 class ArrayImageDataset(Dataset):
     """uint8 images `(N, H, W)` or `(N, H, W, C)` with integer labels, served as PIL images."""
 
@@ -42,25 +55,44 @@ class ArrayImageDataset(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+def list_samples(root: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
+    """`(path, label)` of the image files in `root/<class>/`, classes in the given order, files sorted."""
+    samples: list[tuple[Path, int]] = []
+    for label, c in enumerate(classes):
+        folder = Path(root) / c
+        if folder.is_dir():
+            samples += [(p, label) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMG_EXTENSIONS]
+    return samples
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """What opening the files of a folder found: unreadable files (None when only a sample was opened)
+    and how many of the opened files are grayscale or colour."""
+
+    bad: list[Path] | None
+    gray: int
+    colour: int
+
+
 class ImageFolderDataset(Dataset):
     """`root/<class>/<image>` with classes in sorted order; every image converted to `mode` (L or RGB).
 
     Files that cannot be decoded are skipped with a counted warning; past `max_bad_fraction` of the
     files it fails instead. Folders of up to `verify_limit` images are checked when opened (once per
     process); larger ones (ImageNet) are checked as they are read, the bad file replaced by the next.
+    `scan` also counts grayscale and colour files (all of them, or `mode_sample` spread over a larger
+    folder), from which `ImageDataModule` picks the colour mode.
     """
 
     verify_limit = 200_000
-    _verified: dict[tuple[str, int], list[Path]] = {}  # (root, count) -> unreadable files
+    mode_sample = 2_000
+    _scans: dict[tuple[str, int, bool], FolderScan] = {}  # (root, count, full) -> what opening the files found
 
     def __init__(self, root: Path, classes: Sequence[str], mode: str, transform=None, max_bad_fraction: float = 0.01):
         self.root, self.classes, self.mode, self.transform = Path(root), list(classes), mode, transform
         self.max_bad_fraction = max_bad_fraction
-        samples = []
-        for label, c in enumerate(self.classes):
-            folder = self.root / c
-            if folder.is_dir():
-                samples += [(p, label) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMG_EXTENSIONS]
+        samples = list_samples(self.root, self.classes)
         if not samples:
             raise ValueError(f"data.root: {str(self.root)!r} holds no images in class folders; expected {self.root}/<class>/*.jpg")
         self.samples = samples
@@ -69,6 +101,30 @@ class ImageFolderDataset(Dataset):
         if len(samples) <= self.verify_limit:
             self._check_readable()
 
+    @classmethod
+    def scan(cls, root: Path, samples: Sequence[tuple[Path, int]]) -> FolderScan:
+        """Opens every file (verifying it) when there are at most `verify_limit`, else `mode_sample` files
+        spread evenly over the sorted list (mode only); cached per process."""
+        full = len(samples) <= cls.verify_limit
+        key = (str(Path(root).resolve()), len(samples), full)
+        if key not in cls._scans:
+            picked = samples
+            if not full:
+                picked = [samples[int(i)] for i in np.unique(np.linspace(0, len(samples) - 1, cls.mode_sample).round())]
+            bad, gray, colour = [], 0, 0
+            for p, _ in picked:
+                try:
+                    with Image.open(p) as im:
+                        is_gray = Image.getmodebase(im.mode) == "L"
+                        if full:
+                            im.verify()
+                except Exception:  # noqa: BLE001 - any decode failure makes the file unusable
+                    bad.append(p)
+                    continue
+                gray, colour = gray + is_gray, colour + (not is_gray)
+            cls._scans[key] = FolderScan(bad if full else None, gray, colour)
+        return cls._scans[key]
+
     def _too_many(self, bad: int, example) -> ValueError:
         return ValueError(
             f"data.root: {bad} of {len(self.samples)} images under {str(self.root)!r} are unreadable "
@@ -76,17 +132,7 @@ class ImageFolderDataset(Dataset):
         )
 
     def _check_readable(self) -> None:
-        key = (str(self.root.resolve()), len(self.samples))
-        if key not in self._verified:
-            bad = []
-            for p, _ in self.samples:
-                try:
-                    with Image.open(p) as im:
-                        im.verify()
-                except Exception:  # noqa: BLE001 - any decode failure makes the file unusable
-                    bad.append(p)
-            self._verified[key] = bad
-        bad = self._verified[key]
+        bad = self.scan(self.root, self.samples).bad
         if not bad:
             return
         if len(bad) > self.max_bad_fraction * len(self.samples):
@@ -137,17 +183,31 @@ class ImageDataModule(L.LightningDataModule):
             `imagefolder` (`root/train/<class>/*` and `root/val/<class>/*` or `root/test/<class>/*`,
             grayscale or RGB), `cifar10` / `cifar100` (torchvision), `synthetic` (random tensors).
         root: data folder for imagefolder and cifar.
-        img_size: side of the square images the models see (images are resized to it).
+        img_size: side of the square images the models see.
         batch_size: samples per device and step (the global batch is batch_size x devices x nodes).
         num_workers: data loader worker processes.
         val_fraction: share of digits / synthetic held out for validation (stratified, fixed by `seed`).
-        seed: seed of the digits / synthetic split.
+        seed: seed of the digits / synthetic split and of the repeated-augmentation order
+            (`split_fingerprint` tells whether two runs hold out the same images).
         mean: per-channel normalisation mean; None = the dataset's own (computed on training images).
         std: per-channel normalisation std; None = the dataset's own.
         crop: training crop: `pad` (random crop after zero padding of img_size/8, the CIFAR recipe),
-            `rrc` (RandomResizedCrop, the ImageNet recipe) or `none`.
+            `rrc` (RandomResizedCrop, the ImageNet recipe) or `none`. `pad` and `none` start from what
+            evaluation sees (shorter side resized, centre crop: no stretching).
+        crop_pct: evaluation crop, as in DeiT/timm: the shorter side is resized to img_size / crop_pct
+            and the centre img_size square is kept. 1.0 (default, the CIFAR convention) keeps the whole
+            centre square; DeiT's ImageNet value is 0.875 (resize to 256, crop 224). In (0, 1].
+        interpolation: resampling of the evaluation resize, the RandomResizedCrop and the geometric ops
+            of auto_augment: nearest, bilinear (default), bicubic (DeiT), box, hamming or lanczos.
+        in_chans: channels of an image folder: None = detected from its files (all grayscale -> 1,
+            any colour file -> 3); 1 or 3 converts every image. Other sources have fixed channels.
+        repeated_aug: repeated augmentation (DeiT's RASampler, `distill.samplers`): each training image
+            appears this many times per epoch, spread over the processes, with the epoch kept at
+            DeiT's length; DeiT uses 3 on ImageNet. 0 or 1 = off. Needs >= 256 training images.
         hflip: probability of a horizontal flip in training (0 for digits and text).
-        auto_augment: timm RandAugment/AutoAugment string, e.g. `rand-m9-mstd0.5-inc1` (DeiT); None = off.
+        auto_augment: timm RandAugment/AutoAugment/AugMix string, e.g. `rand-m9-mstd0.5-inc1` (DeiT);
+            None = off. Posterize keeping 0 bits gives a black image, as with the Pillow < 13 DeiT ran
+            on (`distill.transforms.posterize_old_pillow`).
         re_prob: random erasing probability (DeiT: 0.25).
         mixup: mixup alpha (DeiT: 0.8); 0 = off.
         cutmix: cutmix alpha (DeiT: 1.0); 0 = off.
@@ -184,6 +244,10 @@ class ImageDataModule(L.LightningDataModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         crop: Literal["pad", "rrc", "none"] = "none",
+        crop_pct: float = 1.0,
+        interpolation: Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"] = "bilinear",
+        in_chans: int | None = None,
+        repeated_aug: int = 0,
         hflip: float = 0.0,
         auto_augment: str | None = None,
         re_prob: float = 0.0,
@@ -210,6 +274,22 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"data.root is required for data.source={source}; pass --data.root DIR")
         if img_size < 1 or batch_size < 1:
             raise ValueError(f"data.img_size={img_size} and data.batch_size={batch_size} must be positive")
+        from .transforms import check_crop_pct, check_interpolation
+
+        check_crop_pct(crop_pct)
+        check_interpolation(interpolation)
+        if in_chans not in (None, 1, 3):
+            raise ValueError(f"data.in_chans={in_chans} is not supported; use 1 (grayscale), 3 (RGB) or leave it "
+                             f"unset to detect it from the images")
+        if repeated_aug < 0:
+            raise ValueError(f"data.repeated_aug={repeated_aug} must be >= 0 (0 or 1 = off, DeiT uses 3)")
+        if repeated_aug > 1 and (keyed_views or on_device):
+            which = "keyed_views" if keyed_views else "on_device"
+            raise ValueError(f"data.repeated_aug={repeated_aug} does not work with data.{which}: true (they draw "
+                             f"their own sample order); turn one of them off")
+        if on_device and (crop_pct != 1.0 or interpolation != "bilinear"):
+            raise ValueError(f"data.on_device resizes with a bilinear Resize to img_size x img_size; it takes "
+                             f"data.crop_pct 1.0 and data.interpolation bilinear, not {crop_pct} and {interpolation}")
         self.save_hyperparameters()
         self.source, self.root, self.img_size, self.batch_size = source, root, img_size, batch_size
         self.num_workers = num_workers
@@ -230,13 +310,24 @@ class ImageDataModule(L.LightningDataModule):
         classes = sorted(d.name for d in train.iterdir() if d.is_dir())
         if len(classes) < 2:
             raise ValueError(f"data.root: {str(train)!r} has {len(classes)} class folder(s); at least 2 are needed")
-        first = next((p for c in classes for p in sorted((train / c).iterdir()) if p.suffix.lower() in IMG_EXTENSIONS), None)
-        if first is None:
+        samples = {"train": list_samples(train, classes), "val": list_samples(val, classes)}
+        if not samples["train"]:
             raise ValueError(f"data.root: {str(train)!r} holds no images; expected {train}/<class>/*.jpg")
-        with Image.open(first) as im:
-            mode = "L" if im.mode in ("L", "1", "I", "I;16", "LA") else "RGB"
         test = root / "test" if (root / "test").is_dir() else val
-        return dict(train=train, val=val, test=test, classes=classes, mode=mode)
+        mode = self._folder_mode({train: samples["train"], val: samples["val"]})
+        return dict(train=train, val=val, test=test, classes=classes, samples=samples, mode=mode)
+
+    def _folder_mode(self, samples: dict[Path, list]) -> str:
+        """L when every file checked is grayscale, RGB as soon as one is colour; data.in_chans forces it."""
+        forced = self.hparams.in_chans
+        if forced is not None:
+            return "L" if forced == 1 else "RGB"
+        scans = [ImageFolderDataset.scan(folder, s) for folder, s in samples.items() if s]
+        gray, colour = sum(sc.gray for sc in scans), sum(sc.colour for sc in scans)
+        if gray and colour:
+            log.info("data.root: %d grayscale and %d colour images checked: reading all as RGB "
+                     "(set data.in_chans to force)", gray, colour)
+        return "L" if gray and not colour else "RGB"
 
     @property
     def class_names(self) -> list[str]:
@@ -257,12 +348,28 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def in_chans(self) -> int:
         if self.source == "digits":
+            if self.hparams.in_chans not in (None, 1):
+                raise ValueError(f"data.in_chans={self.hparams.in_chans} only converts image folders; digits has "
+                                 f"1 channel: remove data.in_chans")
             return 1
         if self.source == "imagefolder":
-            return 1 if self._folder["mode"] == "L" else 3
-        if self.source == "synthetic":
-            return self.hparams.in_chans_synthetic
-        return 3
+            return self.hparams.in_chans or (1 if self._folder["mode"] == "L" else 3)
+        fixed = self.hparams.in_chans_synthetic if self.source == "synthetic" else 3
+        forced = self.hparams.in_chans
+        if forced is not None and forced != fixed:
+            raise ValueError(f"data.in_chans={forced} only converts image folders; data.source={self.source} has "
+                             f"{fixed} channel(s): remove data.in_chans")
+        return fixed
+
+    @property
+    def eval_spec(self) -> dict[str, Any]:
+        """The evaluation transform as a plain dict (img_size, crop_pct, interpolation, mean, std,
+        in_chans): what checkpoints record and `distill.transforms.build_eval_transform` rebuilds."""
+        from .transforms import eval_spec
+
+        hp = self.hparams
+        return eval_spec(img_size=self.img_size, crop_pct=hp.crop_pct, interpolation=hp.interpolation,
+                         mean=self.mean, std=self.std, in_chans=self.in_chans)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -278,10 +385,15 @@ class ImageDataModule(L.LightningDataModule):
             return CIFAR_STATS[self.source]
         if self.source == "synthetic":
             return (0.0,) * self.in_chans, (1.0,) * self.in_chans
-        # digits and image folders: the training images' own statistics (up to 2,000 of them)
+        from .transforms import interp_mode
+
+        # digits and image folders: the training images' own statistics (up to 2,000 of them), seen as
+        # evaluation sees them (shorter side resized, centre crop), unnormalised
         ds = self._raw_train()
         idx = np.random.default_rng(0).permutation(len(ds))[:2000]
-        to_tensor = T.Compose([T.Resize((self.img_size, self.img_size)), T.ToTensor()])
+        hp = self.hparams
+        to_tensor = T.Compose([T.Resize(math.floor(self.img_size / hp.crop_pct), interpolation=interp_mode(hp.interpolation)),
+                               T.CenterCrop(self.img_size), T.ToTensor()])
         x = torch.stack([to_tensor(ds[int(i)][0]) for i in idx])
         return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
@@ -297,6 +409,40 @@ class ImageDataModule(L.LightningDataModule):
             np.arange(len(images)), test_size=self.hparams.val_fraction, stratify=d.target, random_state=self.hparams.seed
         )
         return dict(images=images, targets=d.target, train=tr, val=va)
+
+    def _synthetic(self) -> tuple[SyntheticDataset, SyntheticDataset]:
+        hp = self.hparams
+        n_val = max(1, int(hp.num_samples * hp.val_fraction))
+        args = (hp.num_classes_synthetic, hp.in_chans_synthetic, self.img_size)
+        return SyntheticDataset(hp.num_samples - n_val, *args, seed=hp.seed), SyntheticDataset(n_val, *args, seed=hp.seed + 1)
+
+    @property
+    def split_fingerprint(self) -> dict[str, str]:
+        """Which data, and which of it is held out: `{"dataset": sha256 of the source and all its samples,
+        whatever the split, "val": sha256 of the samples held out for validation}` (plain strings).
+
+        `val` changes when data.seed or data.val_fraction moves other images into validation (digits,
+        synthetic); for image folders and CIFAR the split is fixed by the files (image folders: the
+        relative file lists of train/ and val/, not their contents; the root may differ). A student
+        whose `val` differs from its teacher's validates on images the teacher trained on.
+        """
+        if self.source == "digits":
+            d = self._digits
+            keys = [_sha(img.tobytes(), int(t)) for img, t in zip(d["images"], d["targets"])]
+            return dict(dataset=_sha("digits", *keys), val=_sha(*sorted(keys[i] for i in d["val"])))
+        if self.source == "imagefolder":
+            f = self._folder
+            root = Path(self.root).expanduser()
+            train, val = ([p.relative_to(root).as_posix() for p, _ in f["samples"][k]] for k in ("train", "val"))
+            return dict(dataset=_sha("imagefolder", *sorted(train + val)), val=_sha(*sorted(val)))
+        if self.source == "synthetic":
+            sets = self._synthetic() if self.train_set is None else (self.train_set, self.val_set)
+            train, val = ([_sha(ds.x[i].numpy().tobytes(), ds.targets[i]) for i in range(len(ds))] for ds in sets)
+            return dict(dataset=_sha("synthetic", *sorted(train + val)), val=_sha(*sorted(val)))
+        train, val = self._cifar(True, None), self._cifar(False, None)
+        arrays = [_sha(np.ascontiguousarray(ds.data).tobytes(), np.asarray(ds.targets, np.int64).tobytes())
+                  for ds in (train, val)]
+        return dict(dataset=_sha(self.source, *arrays), val=arrays[1])
 
     def _raw_train(self) -> Dataset:
         if self.source == "digits":
@@ -318,32 +464,17 @@ class ImageDataModule(L.LightningDataModule):
             ) from None
 
     def train_transform(self) -> T.Compose:
-        hp, size = self.hparams, self.img_size
-        ops: list = []
-        if hp.crop == "rrc":
-            ops.append(T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True))
-        else:
-            ops.append(T.Resize((size, size), antialias=True))
-            if hp.crop == "pad":
-                ops.append(T.RandomCrop(size, padding=max(1, size // 8)))
-        if hp.hflip > 0:
-            ops.append(T.RandomHorizontalFlip(hp.hflip))
-        if hp.auto_augment:
-            from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+        from .transforms import build_train_transform
 
-            fill = tuple(round(255 * m) for m in self.mean)
-            aa_hp = dict(translate_const=max(1, int(size * 0.45)), img_mean=fill if len(fill) > 1 else fill[0])
-            make = rand_augment_transform if hp.auto_augment.startswith("rand") else auto_augment_transform
-            ops.append(make(hp.auto_augment, aa_hp))
-        ops += [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        if hp.re_prob > 0:
-            from timm.data.random_erasing import RandomErasing
-
-            ops.append(RandomErasing(hp.re_prob, mode="pixel", device="cpu"))
-        return T.Compose(ops)
+        hp = self.hparams
+        return build_train_transform(img_size=self.img_size, crop=hp.crop, hflip=hp.hflip, auto_augment=hp.auto_augment,
+                                     re_prob=hp.re_prob, mean=self.mean, std=self.std, crop_pct=hp.crop_pct,
+                                     interpolation=hp.interpolation)
 
     def eval_transform(self) -> T.Compose:
-        return T.Compose([T.Resize((self.img_size, self.img_size), antialias=True), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        from .transforms import build_eval_transform
+
+        return build_eval_transform(self.eval_spec)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -366,15 +497,18 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set, self.val_set = self._cifar(True, train_tf), self._cifar(False, eval_tf)
             self.test_set = self.val_set
         else:
-            n_val = max(1, int(hp.num_samples * hp.val_fraction))
-            args = (hp.num_classes_synthetic, hp.in_chans_synthetic, self.img_size)
-            self.train_set = SyntheticDataset(hp.num_samples - n_val, *args, seed=hp.seed)
-            self.val_set = SyntheticDataset(n_val, *args, seed=hp.seed + 1)
+            self.train_set, self.val_set = self._synthetic()
             self.test_set = self.val_set
         if hp.drop_last and len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} training images and "
                 f"drop_last would leave no batch; lower data.batch_size or set data.drop_last false"
+            )
+        sampler = self.train_sampler()  # refuses data too small for repeated augmentation
+        if sampler is not None and hp.drop_last and len(sampler) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the {len(sampler)} images one process draws per "
+                f"epoch with data.repeated_aug={hp.repeated_aug}; lower data.batch_size or set data.repeated_aug 0"
             )
         if hp.mixup > 0 or hp.cutmix > 0:
             from timm.data import Mixup
@@ -386,9 +520,21 @@ class ImageDataModule(L.LightningDataModule):
             )
 
     # ------------------------------------------------------------------------------- dataloaders
+    def train_sampler(self):
+        """DeiT's repeated-augmentation sampler for this process (`distill.samplers`), or None when
+        data.repeated_aug is off (the loader then shuffles, and Lightning shards it under DDP)."""
+        hp = self.hparams
+        if hp.repeated_aug <= 1:
+            return None
+        from .samplers import RepeatedAugSampler
+
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return RepeatedAugSampler(self.train_set, num_replicas=world, rank=rank, repeats=hp.repeated_aug, seed=hp.seed)
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         workers = self.num_workers
-        sampler = None
+        sampler = self.train_sampler() if train else None
         trainer = self.trainer
         if not train and trainer is not None and trainer.world_size > 1:
             # Lightning's default DistributedSampler pads the last shard with repeated samples, which

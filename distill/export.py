@@ -22,6 +22,7 @@ from torch import nn
 
 from .models import model_meta
 from .student import load_student
+from .transforms import eval_spec_of
 
 Head = Literal["cls", "dist", "fused"]
 
@@ -61,7 +62,8 @@ def export(checkpoint: str, fmt: Literal["safetensors", "onnx"], head: Head, out
         from safetensors.torch import save_file
 
         info = dict(timm_model=name, timm_kwargs=json.dumps(kwargs), head=head,
-                    class_names=json.dumps(meta["class_names"]), mean=json.dumps(meta["mean"]), std=json.dumps(meta["std"]))
+                    class_names=json.dumps(meta["class_names"]), mean=json.dumps(meta["mean"]), std=json.dumps(meta["std"]),
+                    **{k: json.dumps(v) for k, v in eval_spec_of(model).items() if k in ("crop_pct", "interpolation")})
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=info)
     elif fmt == "onnx":
         model.load_state_dict(sd)

@@ -8,8 +8,11 @@ student (distilled=False) has only `fused`. With `--teacher` the teacher's own t
 `teacher`, computed on the image prepared the teacher's way (its own size, channels, mean/std).
 
 Also the image helpers shared by `distill attention`: folders are scanned recursively for image files
-(sorted), and every image is prepared as the checkpoint's metadata says, like the validation transform
-of `ImageDataModule`: converted to `L` or `RGB`, resized to `img_size`, normalised with mean/std.
+(sorted), and every image is prepared by the validation transform the checkpoint records
+(`distill.transforms`: converted to `L` or `RGB`, shorter side resized to img_size / crop_pct with the
+recorded interpolation, centre-cropped to img_size, normalised with mean/std). Checkpoints written
+before crop_pct was recorded were validated with a stretching resize to img_size x img_size, which they
+keep getting here.
 """
 from __future__ import annotations
 
@@ -24,9 +27,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
-from torchvision import transforms as T
 
 from .data import IMG_EXTENSIONS
+from .transforms import build_eval_transform, eval_spec_of
 
 HEADS = ("class", "distillation", "fused")
 
@@ -63,10 +66,9 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     return [f for f in found if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
-def image_transform(meta: dict[str, Any]) -> T.Compose:
-    """The eval transform for a model with metadata `meta` (`distill.model_meta`)."""
-    size = int(meta["img_size"])
-    return T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(meta["mean"], meta["std"])])
+def image_transform(spec: dict[str, Any]):
+    """The eval transform of an eval spec (`distill.transforms.eval_spec_of(model)`)."""
+    return build_eval_transform(spec)
 
 
 def open_image(path: str | Path, in_chans: int) -> Image.Image:
@@ -80,10 +82,11 @@ def open_image(path: str | Path, in_chans: int) -> Image.Image:
         raise UsageError(f"{str(path)!r} is not a readable image ({type(e).__name__}); remove it or convert it to PNG/JPEG") from None
 
 
-def load_images(paths: Sequence[str | Path], meta: dict[str, Any]) -> torch.Tensor:
-    """`(len(paths), in_chans, img_size, img_size)` batch prepared as the model's metadata says."""
-    tf = image_transform(meta)
-    return torch.stack([tf(open_image(p, meta["in_chans"])) for p in paths])
+def load_images(paths: Sequence[str | Path], spec: dict[str, Any]) -> torch.Tensor:
+    """`(len(paths), in_chans, img_size, img_size)` batch prepared by the eval transform of `spec`
+    (`eval_spec_of(model)`; a `model_meta` dict without crop_pct gets the legacy stretching resize)."""
+    tf = image_transform(spec)
+    return torch.stack([tf(open_image(p, spec["in_chans"])) for p in paths])
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -139,9 +142,12 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.Module:
         print(f"warning: --teacher {str(path)!r} records no mean/std or input size; using {name}'s defaults",
               file=sys.stderr)
     try:
-        return build_teacher(name, checkpoint=obj).eval()  # the loaded dict: the file is read once
+        model = build_teacher(name, checkpoint=obj).eval()  # the loaded dict: the file is read once
     except ValueError as e:
         raise UsageError(str(e).replace("<in-memory checkpoint>", str(path))) from None
+    # the eval transform its validation used (TeacherModule.setup records it; older ones: the legacy resize)
+    model.distill_eval = dict(crop_pct=hp.get("input_crop_pct"), interpolation=hp.get("input_interpolation"))
+    return model
 
 
 def predict(
@@ -154,7 +160,8 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Top-k predictions for each image: `[{"image": path, "heads": {head: [{rank, index, class, prob}]}}]`.
 
-    Each model sees the image prepared its own way (`distill.model_meta`: size, channels, mean/std).
+    Each model sees the image prepared by its own validation transform (`eval_spec_of`: size, crop,
+    interpolation, channels, mean/std).
     """
     from .models import model_meta
 
@@ -162,13 +169,15 @@ def predict(
         raise UsageError(f"--topk {topk} must be at least 1")
     s_meta = model_meta(student)
     t_meta = model_meta(teacher) if teacher is not None else None
+    s_spec = eval_spec_of(student)
+    t_spec = eval_spec_of(teacher) if teacher is not None else None
     results: list[dict[str, Any]] = []
     for chunk in _batches(list(paths), batch_size):
         heads = {h: topk_rows(p, topk, s_meta["class_names"])
-                 for h, p in head_probabilities(student, load_images(chunk, s_meta)).items()}
+                 for h, p in head_probabilities(student, load_images(chunk, s_spec)).items()}
         if teacher is not None:
             with torch.no_grad():
-                z_t = teacher(load_images(chunk, t_meta))
+                z_t = teacher(load_images(chunk, t_spec))
             heads["teacher"] = topk_rows(z_t.softmax(-1), topk, t_meta["class_names"])
         for i, path in enumerate(chunk):
             results.append({"image": str(path), "heads": {h: rows[i] for h, rows in heads.items()}})

@@ -204,9 +204,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         if self.student is None:  # fields left as None follow the data
             self._fill_student_config(num_classes=dm.num_classes, img_size=dm.img_size, in_chans=dm.in_chans)
         self._check_classes(dm)
-        # What predict/export/attention need to feed the student without the recipe.
-        self.hparams["data"] = dict(class_names=list(dm.class_names), mean=list(dm.mean), std=list(dm.std),
-                                    img_size=dm.img_size, in_chans=dm.in_chans)
+        # What predict/export/attention need to feed the student without the recipe: the eval transform's
+        # spec (img_size, crop_pct, interpolation, mean, std, in_chans; distill.transforms).
+        self.hparams["data"] = dict(class_names=list(dm.class_names), **dm.eval_spec)
         if self.teacher is not None:
             self.teacher.adapt_to(dm.mean, dm.std, dm.in_chans)
 
@@ -399,4 +399,6 @@ def load_student(checkpoint: str | os.PathLike) -> nn.Module:
         set_model_meta(model, num_classes=hp["student"]["num_classes"], in_chans=data["in_chans"],
                        img_size=hp["student"]["img_size"], class_names=data.get("class_names"),
                        mean=data.get("mean"), std=data.get("std"))
+    # the eval transform validation used (distill.transforms.eval_spec_of); absent in older checkpoints
+    model.distill_eval = {k: data.get(k) for k in ("crop_pct", "interpolation")}
     return model.eval()

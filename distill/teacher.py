@@ -81,7 +81,8 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
             return
         hp = self.hparams
         data = dict(num_classes=dm.num_classes, in_chans=dm.in_chans, class_names=list(dm.class_names),
-                    input_mean=list(dm.mean), input_std=list(dm.std), input_size=dm.img_size)
+                    input_mean=list(dm.mean), input_std=list(dm.std), input_size=dm.img_size,
+                    input_crop_pct=dm.eval_spec["crop_pct"], input_interpolation=dm.eval_spec["interpolation"])
         for key, value in data.items():
             if hp.get(key) is None:
                 hp[key] = value

@@ -290,3 +290,108 @@ def test_mixup_in_a_real_fit(tmp_path, trainer_factory, tiny_teacher_kwargs):
         assert y.shape == (16, 10) and y.dtype.is_floating_point
         torch.testing.assert_close(y.sum(1), torch.ones(16))
     assert seen["val"][0].shape == (16,) and seen["val"][0].dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------- colour mode
+def write_mixed_folder(root, gray_files: set[str], n: int = 3):
+    """An image folder whose files are RGB except those named in `gray_files` (`split/class/i`)."""
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                name = f"{split}/{c}/{i}"
+                img = Image.new("L", (9, 7), 90) if name in gray_files else Image.new("RGB", (9, 7), (200, 30, 60))
+                img.save(folder / f"{i}.png")
+    return root
+
+
+def test_one_grayscale_file_first_does_not_make_an_rgb_folder_grayscale(tmp_path):
+    root = write_mixed_folder(tmp_path / "data", {"train/a/0"})  # the first file read is grayscale
+    dm = ImageDataModule("imagefolder", root=str(root), img_size=8, batch_size=2)
+    assert dm.in_chans == 3
+    dm.setup("fit")
+    x, _ = dm.train_set[0]  # the grayscale file itself, replicated to 3 channels
+    assert x.shape == (3, 8, 8)
+
+
+def test_all_grayscale_folder_is_one_channel_and_in_chans_forces(tmp_path):
+    every = {f"{s}/{c}/{i}" for s in ("train", "val") for c in ("a", "b") for i in range(3)}
+    gray = write_mixed_folder(tmp_path / "gray", every)
+    assert ImageDataModule("imagefolder", root=str(gray), img_size=8).in_chans == 1
+    forced = ImageDataModule("imagefolder", root=str(gray), img_size=8, batch_size=2, in_chans=3)
+    assert forced.in_chans == 3
+    forced.setup("fit")
+    assert forced.train_set[0][0].shape == (3, 8, 8) and len(forced.mean) == 3
+    rgb = write_mixed_folder(tmp_path / "rgb", set())
+    down = ImageDataModule("imagefolder", root=str(rgb), img_size=8, batch_size=2, in_chans=1)
+    assert down.in_chans == 1
+    down.setup("fit")
+    assert down.train_set[0][0].shape == (1, 8, 8)
+
+
+def test_large_folders_decide_the_colour_mode_from_a_spread_sample(tmp_path, monkeypatch):
+    from distill.data import ImageFolderDataset
+
+    monkeypatch.setattr(ImageFolderDataset, "verify_limit", 4)  # as if too large to open every file
+    monkeypatch.setattr(ImageFolderDataset, "mode_sample", 3, raising=False)  # first, middle, last file of a split
+    root = write_mixed_folder(tmp_path / "data", {"train/a/0", "train/a/1", "train/a/2", "train/b/0", "val/a/0"})
+    assert ImageDataModule("imagefolder", root=str(root), img_size=8).in_chans == 3  # train/b/2 is colour
+
+
+@pytest.mark.parametrize("source, kwargs", [("digits", dict(in_chans=3)), ("synthetic", dict(in_chans=1)),
+                                            ("cifar10", dict(in_chans=1, root="/nowhere"))])
+def test_in_chans_only_converts_image_folders(source, kwargs):
+    with pytest.raises(ValueError, match=f"data.in_chans={kwargs['in_chans']} only converts image folders"):
+        ImageDataModule(source, **kwargs).in_chans
+
+
+def test_in_chans_must_be_1_or_3():
+    with pytest.raises(ValueError, match="data.in_chans=4"):
+        ImageDataModule("digits", in_chans=4)
+
+
+# ---------------------------------------------------------------------------------- split fingerprint
+def test_split_fingerprint_follows_the_digits_split():
+    a, b, c = (ImageDataModule("digits", seed=s).split_fingerprint for s in (0, 0, 1))
+    assert set(a) == {"dataset", "val"} and all(isinstance(v, str) for v in a.values())
+    assert a == b
+    assert c["dataset"] == a["dataset"] and c["val"] != a["val"]
+    assert ImageDataModule("digits", val_fraction=0.3).split_fingerprint["val"] != a["val"]
+    # not the seed itself but the images held out: equal splits under other settings stay equal
+    assert ImageDataModule("digits", img_size=16, batch_size=8).split_fingerprint == a
+
+
+def test_split_fingerprint_of_synthetic_and_image_folders(tmp_path):
+    s0, s1 = (ImageDataModule("synthetic", num_samples=40, seed=s).split_fingerprint for s in (0, 1))
+    assert s0["val"] != s1["val"]
+    root = write_image_folder(tmp_path / "data", "RGB")
+    f = ImageDataModule("imagefolder", root=str(root)).split_fingerprint
+    assert f == ImageDataModule("imagefolder", root=str(root), seed=5).split_fingerprint
+    # the same files elsewhere: same fingerprint; one file moved from train to val: another split
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert ImageDataModule("imagefolder", root=str(copy)).split_fingerprint == f
+    (copy / "train" / "ant" / "0.png").rename(copy / "val" / "ant" / "moved.png")
+    moved = ImageDataModule("imagefolder", root=str(copy)).split_fingerprint
+    assert moved["val"] != f["val"]
+
+
+def test_split_fingerprint_of_cifar_is_its_fixed_test_split(monkeypatch):
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    parts = {True: SimpleNamespace(data=rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), targets=[0, 1, 2, 0, 1, 2]),
+             False: SimpleNamespace(data=rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8), targets=[2, 1, 0])}
+    def fingerprint(**kwargs):
+        dm = ImageDataModule("cifar10", **kwargs)
+        monkeypatch.setattr(dm, "_cifar", lambda train, transform: parts[train])  # torchvision's .data/.targets
+        return dm.split_fingerprint
+
+    f = fingerprint(root="/nowhere")
+    assert fingerprint(root="/elsewhere", seed=3) == f  # the files decide, not the seed or where they are
+    parts[False].targets = [2, 1, 1]
+    g = fingerprint(root="/nowhere")
+    assert g["val"] != f["val"] and g["dataset"] != f["dataset"]
