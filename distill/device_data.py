@@ -295,5 +295,6 @@ def _untransformed(ds: Dataset, img_size: int) -> Dataset:
     if arr is not None and arr.dtype == np.uint8 and arr.shape[1] == arr.shape[2] == img_size:
         raw.transform = None
     else:
-        raw.transform = T.Compose([T.Resize((img_size, img_size), antialias=True), T.PILToTensor()])
+        # what evaluation sees at crop_pct 1.0: the shorter side resized, the centre square kept (no stretching)
+        raw.transform = T.Compose([T.Resize(img_size, antialias=True), T.CenterCrop(img_size), T.PILToTensor()])
     return raw

@@ -113,3 +113,25 @@ def test_keys_are_host_numpy():
     x, y = images(8)
     _, _, keys = next(iter(DeviceImageLoader(x, y, 8, MEAN, STD, keyed=True)))
     assert isinstance(keys, np.ndarray) and keys.dtype == np.int64
+
+
+def test_non_square_folder_on_device_sees_what_evaluation_sees(tmp_path):
+    """The decode pass resizes the shorter side and keeps the centre square, as the host eval transform
+    (crop_pct 1.0) does; it does not stretch."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (8, 16, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    kwargs = dict(source="imagefolder", root=str(tmp_path), img_size=8, batch_size=4, mean=list(MEAN), std=list(STD))
+    host = ImageDataModule(**kwargs)
+    host.setup("fit")
+    device = ImageDataModule(**kwargs, on_device=True)
+    device.setup("fit")
+    on_device = torch.cat([b[0] for b in device.val_dataloader()])
+    on_host = torch.stack([host.val_set[i][0] for i in range(len(host.val_set))])
+    # the same pixels up to uint8 rounding of the decode pass (one level in 255, normalised)
+    torch.testing.assert_close(on_device, on_host, rtol=0, atol=1.01 / 255 / min(STD))
