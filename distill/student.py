@@ -218,6 +218,23 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             raise ValueError(f"model.student: the student has {model_meta(self.student)['num_classes']} classes but the data has {n}")
         if self.loss.needs_teacher and self.teacher is None:
             raise ValueError(f"model.teacher is required for loss.mode={self.loss.mode!r}; pass a teacher checkpoint")
+        self._check_split(dm)
+
+    def _check_split(self, dm) -> None:
+        """Refuses a student that validates on images its teacher trained on: same data, other held-out
+        set (e.g. another data.seed for digits' random split)."""
+        if self.teacher is None:
+            return
+        ours = dm.split_fingerprint
+        members = getattr(self.teacher, "members", [self.teacher])
+        for i, member in enumerate(members):
+            theirs = member.identity.get("split") or {}
+            if theirs.get("dataset") == ours["dataset"] and theirs.get("val") != ours["val"]:
+                field = "model.teacher" if len(members) == 1 else f"model.teacher[{i}]"
+                raise ValueError(
+                    f"{field} was trained on another train/validation split of this data (its data.seed was "
+                    f"{theirs.get('seed')}, this run's is {dm.hparams.seed}): the student would validate on images "
+                    f"the teacher trained on; use data.seed {theirs.get('seed')} or retrain the teacher")
 
     def configure_model(self) -> None:
         if self.student is None:

@@ -420,3 +420,15 @@ def test_distill_on_digits_after_step_one(trained_teacher, trainer_factory, accu
     # its fused accuracy, counted by hand from the saved student
     student = load_student(trainer.checkpoint_callback.best_model_path)
     assert accuracy_of(student, dm.val_dataloader()) == pytest.approx(float(metrics["val/acc"]), abs=1e-6)
+
+
+def test_student_on_another_split_of_the_teachers_data_is_refused(trainer_factory, teacher_file, tiny_student):
+    """The teacher records which digits it held out; a student whose data.seed draws another split would
+    validate on images the teacher trained on."""
+    hp = torch.load(teacher_file, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hp["data_split"]["seed"] == 0 and hp["data_split"]["val"] == digits().split_fingerprint["val"]
+    module = DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), warmup_epochs=0)
+    with pytest.raises(ValueError, match="another train/validation split.*data.seed was 0, this run's is 1"):
+        trainer_factory(max_steps=1, limit_val_batches=0).fit(module, digits(seed=1))
+    # the same split trains
+    trainer_factory(max_steps=1, limit_val_batches=0).fit(module, digits(seed=0))
