@@ -14,16 +14,27 @@ from typing import Any
 
 from .lineage import best_checkpoint, finish_wandb
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+def shipped_recipes() -> Path:
+    """The folder of the shipped recipes.
+
+    recipes/ sits at the top of the repository; pyproject.toml ships it inside the package as
+    distill/recipes. An installed wheel therefore has `distill/recipes`, while a checkout (editable
+    install, or PYTHONPATH) has only `../recipes` next to the package.
+    """
+    from importlib.resources import files
+
+    installed = Path(str(files(__package__) / "recipes"))
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
 
 
 def resolve_recipe(recipe: str) -> Path:
     """A recipe folder by path, or by name among the shipped recipes (`digits`, `cifar10`, ...)."""
     path = Path(recipe)
-    if not path.is_dir() and (RECIPES / recipe).is_dir():
-        path = RECIPES / recipe
+    shipped_dir = shipped_recipes()
+    if not path.is_dir() and (shipped_dir / recipe).is_dir():
+        path = shipped_dir / recipe
     if not path.is_dir():
-        shipped = sorted(p.name for p in RECIPES.iterdir() if p.is_dir()) if RECIPES.is_dir() else []
+        shipped = sorted(p.name for p in shipped_dir.iterdir() if p.is_dir()) if shipped_dir.is_dir() else []
         raise FileNotFoundError(f"recipe {recipe!r} is not a folder; pass a folder with teacher.yaml and student.yaml "
                                 f"(shipped: {', '.join(shipped)})")
     for step in ("teacher", "student"):
