@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .lineage import best_checkpoint, finish_wandb
 
 def shipped_recipes() -> Path:
     """The folder of the shipped recipes.
@@ -70,7 +69,8 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
 
 def run_step(config: Path, args: list[str], root: Path) -> tuple[str, dict[str, float], float]:
     """Fits one step; returns its best checkpoint, the metrics of that checkpoint and the wall time."""
-    from .cli import DistillCLI
+    from .lineage import best_checkpoint, finish_wandb
+    from .recipe_cli import DistillCLI
 
     start = time.perf_counter()
     cli = DistillCLI(args=["--config", str(config), *args, "--trainer.default_root_dir", str(root)], run=False)
@@ -120,7 +120,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     t, s = summary["teacher"], summary["student"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print("\n== distill pipeline summary ==")
-    print(f"teacher  val/acc {fmt(t['val/acc'])}   {t['checkpoint']}")
+    given = " (step 1 skipped: --teacher_ckpt given)" if t.get("skipped") else ""
+    print(f"teacher  val/acc {fmt(t['val/acc'])}{given}   {t['checkpoint']}")
     print(f"student  val/acc {fmt(s['val/acc'])} (cls {fmt(s['val/acc_cls'])}, dist {fmt(s['val/acc_dist'])}, "
           f"agreement with teacher {fmt(s['val/agreement'])})   {s['checkpoint']}")
     print(f"total {summary['seconds']:.1f} s; summary in {Path(summary['out']) / 'summary.json'}\n", flush=True)
