@@ -43,9 +43,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         if not args or args[0] in ("-h", "--help"):
+            from .pipeline import shipped_recipes
+
             print(__doc__.strip())
             print("\nEach command takes --help. Recipes: recipes/<dataset>/{teacher,student}.yaml; "
                   "`distill fit --help` lists every recipe field.")
+            recipes = shipped_recipes()
+            if recipes.is_dir():
+                names = sorted(p.name for p in recipes.iterdir() if p.is_dir())
+                print(f"Shipped recipes (`distill pipeline NAME` takes a name): {', '.join(names)}, in {recipes}")
             return 0 if args else 2
         code = _dispatch(args)
         if code is None:
