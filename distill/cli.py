@@ -8,194 +8,10 @@
 """
 from __future__ import annotations
 
-import logging
-import os
 import sys
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
 
-import lightning as L
-import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
-
-from .data import ImageDataModule
-from .fault_tolerance import AtomicCheckpointIO, BestAndLastCheckpoint
-from .lineage import RunSummary, finish_wandb
-
-log = logging.getLogger("distill")
-# `distill pipeline` runs LightningCLI in-process with args of its own, which is what this warns about.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-
-
-@dataclass
-class WandbOptions:
-    """Weights & Biases tracking, used when `logger: wandb`.
-
-    Args:
-        project: W&B project.
-        name: run name; None = W&B's own.
-        tags: run tags.
-        entity: W&B entity (user or team); None = the default one.
-        group: run group, e.g. one per pipeline.
-        mode: online | offline | disabled; None = WANDB_MODE, else online with credentials and
-            offline without (a run never fails or hangs for want of credentials or network).
-    """
-
-    project: str = "distill"
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    entity: str | None = None
-    group: str | None = None
-    mode: Literal["online", "offline", "disabled"] | None = None
-
-
-def _wandb_mode(requested: str | None) -> str:
-    if requested:
-        return requested
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:  # a stored login (wandb login) counts as credentials
-        import netrc
-
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except Exception:  # noqa: BLE001 - no or unreadable ~/.netrc
-        pass
-    log.warning("W&B: no credentials found (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync` uploads later")
-    return "offline"
-
-
-class RecipeConfigCallback(SaveConfigCallback):
-    """Writes the resolved recipe to the run folder (config.yaml) and logs it to every logger."""
-
-    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        recipe = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"recipe": recipe})
-
-
-class _Parsed(Exception):
-    def __init__(self, config) -> None:
-        self.config = config
-
-
-class DistillCLI(LightningCLI):
-    """LightningCLI with the toolkit's defaults: a CSV log and checkpoints (best and last) in the run
-    folder (`trainer.default_root_dir`), optional W&B tracking, a summary after each step."""
-
-    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
-        super().__init__(
-            model_class=L.LightningModule,
-            subclass_mode_model=True,
-            datamodule_class=ImageDataModule,
-            save_config_callback=RecipeConfigCallback,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"default_root_dir": "runs/default", "log_every_n_steps": 10},
-            parser_kwargs={"default_env": False, "exit_on_error": False},
-            auto_configure_optimizers=False,
-            load_from_checkpoint_support=False,
-            args=args,
-            run=run,
-            **kwargs,
-        )
-
-    @classmethod
-    def parse_recipe(cls, args: list[str]):
-        """The validated, resolved configuration of a recipe (with overrides), without building anything."""
-        cli = cls.__new__(cls)
-        cli._parse_only = True
-        try:
-            cli.__init__(args=args, run=False)
-        except _Parsed as parsed:
-            return parsed.config
-        raise AssertionError("unreachable")
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI would overwrite the recipe's model section with the checkpoint's hyper-parameters
-        # (which only works for checkpoints that record a `_class_path`). The recipe stays the source of
-        # truth here; the modules check the checkpoint against it when its weights are loaded.
-        return
-
-    def before_instantiate_classes(self) -> None:
-        if getattr(self, "_parse_only", False):
-            raise _Parsed(self.config)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--logger", type=Literal["csv", "wandb"], default="csv",
-                            help="csv: a CSV log in the run folder; wandb: W&B as well (see --wandb.*)")
-        parser.add_class_arguments(WandbOptions, "wandb", instantiate=False)
-        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
-            "checkpoint.save_top_k": 1, "checkpoint.filename": "best-epoch{epoch:03d}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
-
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        trainer_cfg = config["trainer"]
-        root = Path(trainer_cfg.get("default_root_dir") or "runs/default")
-        if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = self._loggers(config, root)
-        if not trainer_cfg.get("plugins"):
-            kwargs["plugins"] = [AtomicCheckpointIO()]
-        callbacks = [RunSummary()]  # the modules add NonFiniteLossGuard and ResumeState themselves
-        if kwargs.get("logger") or trainer_cfg.get("logger"):
-            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-        trainer = super().instantiate_trainer(**kwargs)
-        # In front: the guard must run before ModelCheckpoint, which Lightning keeps last.
-        trainer.callbacks[0:0] = callbacks
-        return trainer
-
-    def _loggers(self, config, root: Path) -> list:
-        # CSV first: trainer.log_dir (checkpoints, config.yaml, attention maps) is then the run folder itself.
-        loggers: list = [CSVLogger(save_dir=str(root), name="", version="")]
-        if config.get("logger") == "wandb":
-            from lightning.pytorch.loggers import WandbLogger
-
-            opts = config["wandb"]
-            opts = opts if isinstance(opts, dict) else vars(opts)
-            resume_id = self._resume_wandb_id(config, root)
-            kwargs = dict(project=opts.get("project"), name=opts.get("name"), tags=list(opts.get("tags") or []),
-                          entity=opts.get("entity"), group=opts.get("group"), save_dir=str(root), id=resume_id,
-                          resume="allow" if resume_id else None)
-            mode = _wandb_mode(opts.get("mode"))
-            if mode == "online":
-                import wandb
-
-                kwargs["settings"] = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)))
-            logger = WandbLogger(mode=mode, **kwargs)
-            if mode == "online":
-                # Connect now rather than in the middle of training, and fall back to offline when the
-                # server cannot be reached: a run never fails for want of network.
-                try:
-                    logger.experiment  # noqa: B018 - starts the run
-                except Exception as e:  # noqa: BLE001 - wandb raises several kinds of network errors
-                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    log.warning("W&B: cannot reach the server (%s): logging offline; `wandb sync` uploads later", reason)
-                    finish_wandb()
-                    logger = WandbLogger(mode="offline", **kwargs)
-            loggers.append(logger)
-        return loggers
-
-    def _resume_wandb_id(self, config, root: Path) -> str | None:
-        """The W&B run id stored in the checkpoint being resumed, so the same run continues."""
-        ckpt = config.get("ckpt_path")
-        if not ckpt:
-            return None
-        path = root / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
-        if not path.is_file():
-            return None
-        from .models import load_weights_file
-
-        return (load_weights_file(path).get("distill_run") or {}).get("wandb_id")
-
+# Nothing heavy is imported here, so `distill --help` and `distill pipeline --help` answer at once:
+# Lightning (distill/recipe_cli.py) and each subcommand's module load only when they run.
 
 TOOLS = {
     "pipeline": "distill.pipeline",
@@ -227,12 +43,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         if not args or args[0] in ("-h", "--help"):
+            from .pipeline import shipped_recipes
+
             print(__doc__.strip())
             print("\nEach command takes --help. Recipes: recipes/<dataset>/{teacher,student}.yaml; "
                   "`distill fit --help` lists every recipe field.")
+            recipes = shipped_recipes()
+            if recipes.is_dir():
+                names = sorted(p.name for p in recipes.iterdir() if p.is_dir())
+                print(f"Shipped recipes (`distill pipeline NAME` takes a name): {', '.join(names)}, in {recipes}")
             return 0 if args else 2
         code = _dispatch(args)
         if code is None:
+            from .lineage import finish_wandb
+            from .recipe_cli import DistillCLI
+
             try:
                 DistillCLI(args=argv)  # None: LightningCLI reads sys.argv itself
             finally:
@@ -241,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     return run_guarded(run)
+
+
+def __getattr__(name: str):
+    # `from distill.cli import DistillCLI` (its former home) still works; it loads Lightning only then.
+    if name in ("DistillCLI", "RecipeConfigCallback", "WandbOptions"):
+        from . import recipe_cli
+
+        return getattr(recipe_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -12,18 +12,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .lineage import best_checkpoint, finish_wandb
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+def shipped_recipes() -> Path:
+    """The folder of the shipped recipes.
+
+    recipes/ sits at the top of the repository; pyproject.toml ships it inside the package as
+    distill/recipes. An installed wheel therefore has `distill/recipes`, while a checkout (editable
+    install, or PYTHONPATH) has only `../recipes` next to the package.
+    """
+    from importlib.resources import files
+
+    installed = Path(str(files(__package__) / "recipes"))
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
 
 
 def resolve_recipe(recipe: str) -> Path:
     """A recipe folder by path, or by name among the shipped recipes (`digits`, `cifar10`, ...)."""
     path = Path(recipe)
-    if not path.is_dir() and (RECIPES / recipe).is_dir():
-        path = RECIPES / recipe
+    shipped_dir = shipped_recipes()
+    if not path.is_dir() and (shipped_dir / recipe).is_dir():
+        path = shipped_dir / recipe
     if not path.is_dir():
-        shipped = sorted(p.name for p in RECIPES.iterdir() if p.is_dir()) if RECIPES.is_dir() else []
+        shipped = sorted(p.name for p in shipped_dir.iterdir() if p.is_dir()) if shipped_dir.is_dir() else []
         raise FileNotFoundError(f"recipe {recipe!r} is not a folder; pass a folder with teacher.yaml and student.yaml "
                                 f"(shipped: {', '.join(shipped)})")
     for step in ("teacher", "student"):
@@ -59,7 +69,8 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
 
 def run_step(config: Path, args: list[str], root: Path) -> tuple[str, dict[str, float], float]:
     """Fits one step; returns its best checkpoint, the metrics of that checkpoint and the wall time."""
-    from .cli import DistillCLI
+    from .lineage import best_checkpoint, finish_wandb
+    from .recipe_cli import DistillCLI
 
     start = time.perf_counter()
     cli = DistillCLI(args=["--config", str(config), *args, "--trainer.default_root_dir", str(root)], run=False)
@@ -109,7 +120,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     t, s = summary["teacher"], summary["student"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print("\n== distill pipeline summary ==")
-    print(f"teacher  val/acc {fmt(t['val/acc'])}   {t['checkpoint']}")
+    given = " (step 1 skipped: --teacher_ckpt given)" if t.get("skipped") else ""
+    print(f"teacher  val/acc {fmt(t['val/acc'])}{given}   {t['checkpoint']}")
     print(f"student  val/acc {fmt(s['val/acc'])} (cls {fmt(s['val/acc_cls'])}, dist {fmt(s['val/acc_dist'])}, "
           f"agreement with teacher {fmt(s['val/agreement'])})   {s['checkpoint']}")
     print(f"total {summary['seconds']:.1f} s; summary in {Path(summary['out']) / 'summary.json'}\n", flush=True)
