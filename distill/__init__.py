@@ -22,6 +22,10 @@ _EXPORTS = {
     "StudentConfig": "student",
     "ImageDataModule": "data",
     "load_student": "student",
+    "FrozenTeacher": "frozen_teacher",
+    "TeacherEnsemble": "teacher_ensemble",
+    "FeatureGuidanceConfig": "feature_guidance",
+    "TeacherCacheConfig": "teacher_cache",
 }
 
 __all__ = list(_EXPORTS)
@@ -43,7 +47,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .data import ImageDataModule
+    from .feature_guidance import FeatureGuidanceConfig
+    from .frozen_teacher import FrozenTeacher
     from .losses import DistillationLoss, LossTerms
     from .models import build_student, build_teacher, model_meta, student_heads
     from .student import DistillModule, StudentConfig, load_student
     from .teacher import TeacherModule
+    from .teacher_cache import TeacherCacheConfig
+    from .teacher_ensemble import TeacherEnsemble

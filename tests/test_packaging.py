@@ -47,3 +47,12 @@ def test_wheel_ships_the_recipes_and_resolves_them_by_name(tmp_path):
     assert Path(module).is_relative_to(tmp_path / "site")
     assert Path(recipe) == tmp_path / "site" / "distill" / "recipes" / "digits"
     assert class_path == "distill.DistillModule"
+
+
+def test_pyproject_lists_every_recipe_folder():
+    """setuptools ships an unlisted folder with a warning; listing each keeps the build quiet and explicit."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {f"distill.recipes.{p.name}" for p in (REPO / "recipes").iterdir() if any(p.glob("*.yaml"))}
+    assert folders <= listed, sorted(folders - listed)
