@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from .predict import OneLineParser, UsageError, find_images, load_images, load_student_checked
 from .transforms import eval_spec_of
 
@@ -56,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         import matplotlib
+        import torch
 
         matplotlib.use("Agg")
         from matplotlib import colormaps

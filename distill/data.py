@@ -21,10 +21,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from .transforms import IMG_EXTENSIONS  # noqa: E402,F401  (re-exported: distill.data.IMG_EXTENSIONS)
+
 log = logging.getLogger(__name__)
 
 Source = Literal["digits", "imagefolder", "cifar10", "cifar100", "synthetic"]
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),

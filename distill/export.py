@@ -15,20 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import nn
-
-from .models import model_meta
-from .student import load_student
 from .transforms import eval_spec_of
+
+if TYPE_CHECKING:  # torch loads when an export runs, not for `--help`
+    import torch
+    from torch import nn
 
 Head = Literal["cls", "dist", "fused"]
 
 
 def single_head_state_dict(model: nn.Module, head: Head) -> dict[str, torch.Tensor]:
     """The student's state_dict, rewritten so its eval output is exactly the chosen head's logits."""
+    import torch
+
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if head == "fused" or "head_dist.weight" not in sd:
         return sd
@@ -49,6 +50,11 @@ def timm_recipe(model: nn.Module) -> tuple[str, dict]:
 
 
 def export(checkpoint: str, fmt: Literal["safetensors", "onnx"], head: Head, out: str) -> Path:
+    import torch
+
+    from .models import model_meta
+    from .student import load_student
+
     if head not in ("cls", "dist", "fused"):
         raise ValueError(f"--head {head!r} is unknown; use cls, dist or fused")
     model = load_student(checkpoint)
@@ -86,9 +92,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output file")
     args = parser.parse_args(argv)
     path = export(args.checkpoint, args.format, args.head, args.out)
-    model = load_student(args.checkpoint)
-    name, kwargs = timm_recipe(model)
     print(f"wrote {path} ({args.format}, head {args.head})")
     if args.format == "safetensors":
-        print(f"load: timm.create_model({name!r}, **{kwargs}).load_state_dict(safetensors.torch.load_file({str(path)!r}))")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:  # the rebuild recipe the file records
+            meta = f.metadata()
+        kwargs = json.loads(meta["timm_kwargs"])
+        print(f"load: timm.create_model({meta['timm_model']!r}, **{kwargs}).load_state_dict("
+              f"safetensors.torch.load_file({str(path)!r}))")
     return 0

@@ -22,14 +22,15 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import nn
 
-from .data import IMG_EXTENSIONS
-from .transforms import build_eval_transform, eval_spec_of
+from .transforms import IMG_EXTENSIONS, build_eval_transform, eval_spec_of
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for `--help`
+    import torch
+    from torch import nn
 
 HEADS = ("class", "distillation", "fused")
 
@@ -85,6 +86,8 @@ def open_image(path: str | Path, in_chans: int) -> Image.Image:
 def load_images(paths: Sequence[str | Path], spec: dict[str, Any]) -> torch.Tensor:
     """`(len(paths), in_chans, img_size, img_size)` batch prepared by the eval transform of `spec`
     (`eval_spec_of(model)`; a `model_meta` dict without crop_pct gets the legacy stretching resize)."""
+    import torch
+
     tf = image_transform(spec)
     return torch.stack([tf(open_image(p, spec["in_chans"])) for p in paths])
 
@@ -99,10 +102,16 @@ def is_distilled(model: nn.Module) -> bool:
     return getattr(model, "dist_token", None) is not None and hasattr(model, "head_dist")
 
 
-@torch.no_grad()
 def head_probabilities(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """`{head: (B, classes) probabilities}`: class, distillation and fused for a DeiT student, fused alone
     for a one-head model. The model must be in eval mode (as `distill.load_student` returns it)."""
+    import torch
+
+    with torch.no_grad():
+        return _head_probabilities(model, x)
+
+
+def _head_probabilities(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     if is_distilled(model):
         from .models import student_heads
 
@@ -163,6 +172,8 @@ def predict(
     Each model sees the image prepared by its own validation transform (`eval_spec_of`: size, crop,
     interpolation, channels, mean/std).
     """
+    import torch
+
     from .models import model_meta
 
     if topk < 1:

@@ -28,6 +28,9 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageOps
 
+# File name endings read as images (image folders, `distill predict`, `distill attention`).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)  # DeiT / timm defaults
 
