@@ -11,15 +11,28 @@ from timm.optim import create_optimizer_v2
 log = logging.getLogger(__name__)
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None) -> torch.optim.Optimizer:
+def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None,
+          layer_decay: float | None = None) -> torch.optim.Optimizer:
     """AdamW over `model`'s parameters only, with no weight decay on norms, biases and whatever the model
-    lists in `no_weight_decay()` (timm ViTs: position embedding, class and distillation tokens)."""
+    lists in `no_weight_decay()` (timm ViTs: position embedding, class and distillation tokens).
+
+    `layer_decay` (fine-tuning, BEiT/DeiT-III style): timm's `param_groups_layer_decay` puts each layer
+    in its own group with `lr_scale = layer_decay ** (last layer - layer)` (the head gets `lr`, the
+    patch embedding the smallest share); the scale is folded into each group's `lr` here, because the
+    schedule (a LambdaLR) multiplies each group's own initial lr and knows nothing of `lr_scale`."""
     kwargs = {}
     if fused is None:
         fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
     if fused:
         kwargs["fused"] = True
-    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, filter_bias_and_bn=True, **kwargs)
+    if layer_decay is not None:
+        if not 0 < layer_decay <= 1:
+            raise ValueError(f"model.layer_decay={layer_decay} must lie in (0, 1] (DeiT-III/BEiT fine-tuning: 0.65-0.75) or be null")
+        kwargs["layer_decay"] = layer_decay
+    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, filter_bias_and_bn=True, **kwargs)
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return opt
 
 
 def warmup_cosine(
@@ -84,19 +97,19 @@ def scaled_lr(trainer, lr: float, reference_batch: int | None) -> float:
 
 def optimizer_config(module, model: nn.Module, lr: float, weight_decay: float, warmup_epochs: float,
                      min_lr_ratio: float, warmup_start_ratio: float = 0.0, cooldown_epochs: float = 0.0,
-                     lr_reference_batch: int | None = None) -> dict:
+                     lr_reference_batch: int | None = None, layer_decay: float | None = None) -> dict:
     """`configure_optimizers` output for a LightningModule training `model` (a submodule).
 
     The schedule follows the real run: warm-up and cool-down are measured in real epochs (batches per
     epoch and gradient accumulation included) and the cosine ends where training ends, whether that
-    is set by `trainer.max_epochs`, `trainer.max_steps` or both."""
+    is set by `trainer.max_epochs`, `trainer.max_steps` or both. `layer_decay`: see `adamw`."""
     trainer = module.trainer
     total = trainer.estimated_stepping_batches  # also loads the training data: num_training_batches is known
     per_epoch = steps_per_epoch(trainer) if (warmup_epochs or cooldown_epochs) else 1
     if not math.isfinite(total):
         raise ValueError("the run has no end: set trainer.max_epochs or trainer.max_steps")
     lr = scaled_lr(trainer, lr, lr_reference_batch)
-    opt = adamw(model, lr, weight_decay)
+    opt = adamw(model, lr, weight_decay, layer_decay=layer_decay)
     sched = warmup_cosine(opt, int(total), round(warmup_epochs * per_epoch), min_lr_ratio, warmup_start_ratio,
                           round(cooldown_epochs * per_epoch))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
