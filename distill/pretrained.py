@@ -99,11 +99,11 @@ def timm_weights_file(name: str, field_name: str) -> Path:
             try:
                 return Path(hf_hub_download(repo, filename, revision=revision or None))
             except LocalEntryNotFoundError as e:  # no network and not cached
-                raise _offline(name, repo, e, how) from None
+                raise _offline(name, repo, e, field_name) from None
             except EntryNotFoundError:  # the repository has the other file
                 continue
             except Exception as e:  # noqa: BLE001 - connection, proxy, HTTP and offline-mode errors alike
-                raise _offline(name, repo, e, how) from None
+                raise _offline(name, repo, e, field_name) from None
         raise ValueError(f"{field_name}=true: the Hugging Face repository {repo} has none of {files}; {how}")
     if str(url).endswith(".npz") or cfg.get("custom_load"):
         raise ValueError(f"{field_name}=true: timm's weights for {name} are in a format read by timm only ({url}); {how}")
@@ -113,13 +113,14 @@ def timm_weights_file(name: str, field_name: str) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(target), progress=False)
         except Exception as e:  # noqa: BLE001
-            raise _offline(name, url, e, how) from None
+            raise _offline(name, url, e, field_name) from None
     return target
 
 
-def _offline(name: str, where: str, error: Exception, how: str) -> FileNotFoundError:
-    return FileNotFoundError(f"pretrained=true: timm's weights of {name} ({where}) are not in the local cache and "
-                             f"could not be downloaded ({type(error).__name__}); {how}")
+def _offline(name: str, where: str, error: Exception, field_name: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{field_name}=true: timm's weights of {name} ({where}) are not in the local cache and "
+                             f"could not be downloaded ({type(error).__name__}); set {field_name} to a local file "
+                             f"(safetensors/.pth), e.g. one saved where there is network")
 
 
 # ---------------------------------------------------------------------------------------- reading
