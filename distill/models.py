@@ -199,7 +199,10 @@ def build_teacher(
             num_classes = int(head[-1].shape[0]) if head else None
     if num_classes is None:
         raise ValueError("build_teacher: num_classes is required (or a checkpoint of this toolkit that records it)")
-    weights = _pretrained_weights(pretrained if checkpoint is None else None, name, pretrained_field)
+    if checkpoint is not None and pretrained not in (None, False):
+        raise ValueError("build_teacher: give checkpoint (the network as trained) or pretrained (weights to start "
+                         "from for a new task), not both")
+    weights = _pretrained_weights(pretrained, name, pretrained_field)
     if weights is not None:
         if weights.arch and weights.arch != name:
             raise ValueError(f"{pretrained_field}: {weights.source} holds a {weights.arch}, not a {name}; "

@@ -348,6 +348,11 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["distill_teacher"] = dict(self.teacher_identity)
         checkpoint["distill_run"] = run_record(self._trainer)
+        hp = checkpoint.get("hyper_parameters") or {}
+        if isinstance(hp.get("student"), dict) and hp["student"].get("pretrained"):
+            # the weights are in the checkpoint: reloading it needs no pretrained file
+            hp["pretrained_from"] = hp["student"]["pretrained"]
+            hp["student"] = {**hp["student"], "pretrained": None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is not in the checkpoint: it was reloaded from its file in __init__. Hand its

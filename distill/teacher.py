@@ -169,6 +169,9 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["distill_run"] = run_record(self._trainer)
+        hp = checkpoint.get("hyper_parameters") or {}
+        if hp.get("pretrained"):  # the weights are in the checkpoint: reloading it needs no pretrained file
+            hp["pretrained_from"], hp["pretrained"] = hp["pretrained"], None
 
     def configure_optimizers(self):
         hp = self.hparams

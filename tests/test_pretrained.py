@@ -340,6 +340,30 @@ def test_bad_pretrained_files_are_one_line_errors(weights, tmp_path):
         build_teacher("cifar_resnet10", 3, pretrained=tmp_path / "evil.pth")
 
 
+def test_checkpoints_reload_without_the_pretrained_file(weights, folder3, tmp_path):
+    import shutil
+
+    for kind in ("teacher", "student"):
+        source = tmp_path / f"{kind}_weights.pth"
+        shutil.copy(weights[kind]["pth"], source)
+        if kind == "teacher":
+            module = TeacherModule("cifar_resnet10", model_kwargs={"base_width": 8}, pretrained=str(source))
+        else:
+            module = DistillModule(StudentConfig(pretrained=str(source), **SIZES), loss=DistillationLoss(mode="none"))
+        t = trainer(tmp_path, max_steps=1)
+        t.fit(module, ImageDataModule("imagefolder", root=folder3, batch_size=8, img_size=8))
+        t.save_checkpoint(tmp_path / f"{kind}.ckpt")
+        source.unlink()  # gone: another machine, a cleaned cache
+        cls = TeacherModule if kind == "teacher" else DistillModule
+        reloaded = cls.load_from_checkpoint(tmp_path / f"{kind}.ckpt")
+        net, again = (module.model, reloaded.model) if kind == "teacher" else (module.student, reloaded.student)
+        for key, value in net.state_dict().items():
+            assert torch.equal(again.state_dict()[key], value), key
+        saved = torch.load(tmp_path / f"{kind}.ckpt", weights_only=True)["hyper_parameters"]
+        assert saved["pretrained_from"] == str(source)  # the lineage stays
+        assert module.hparams.get("pretrained") or module.hparams["student"]["pretrained"]  # the live run unchanged
+
+
 # ------------------------------------------------------------------------------ fine-tuning settings
 def test_layer_decay_scales_each_layer_and_keeps_the_weight_decay_rules(tmp_path):
     module = DistillModule(StudentConfig(patch_size=2, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0),
@@ -460,3 +484,22 @@ def test_transfer_recipe_runs_offline_from_files(weights, folder3, tmp_path):
     student = load_student(summary["student"]["checkpoint"])  # rebuilt without the pretrained file
     assert student.num_classes == 3 and student.patch_embed.proj.weight.shape == (32, 3, 2, 2)
     assert summary["student"]["val/acc_teacher"] is not None
+
+
+# ------------------------------------------------------------------------------------ the study tool
+def test_transfer_study_tool_runs_and_writes_its_report(tmp_path, monkeypatch):
+    from conftest import load_tool
+
+    study = load_tool("transfer_study")
+    monkeypatch.setattr(study, "PRE_EPOCHS", dict(teacher=1, student=1))
+    monkeypatch.setattr(study, "NEW_EPOCHS", dict(teacher=1, student=1))
+    threads = torch.get_num_threads()
+    try:
+        assert study.main(["--seeds", "0", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = __import__("json").loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["runs"]) == 8 and [r["n"] for r in results["table"]] == [1] * 6
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert md.startswith("<!-- regenerate: python tools/transfer_study.py --seeds 0") and "Hardware: CPU" in md
+    assert (tmp_path / "out" / "results.png").stat().st_size > 0
