@@ -184,14 +184,16 @@ class ImageDataModule(L.LightningDataModule):
             `imagefolder` (`root/train/<class>/*` and `root/val/<class>/*` or `root/test/<class>/*`,
             grayscale or RGB), `cifar10` / `cifar100` (torchvision), `synthetic` (random tensors).
         root: data folder for imagefolder and cifar.
-        img_size: side of the square images the models see.
+        img_size: side of the square images the models see; None = the pretrained weights' input size
+            when the model starts from pretrained weights, else 8.
         batch_size: samples per device and step (the global batch is batch_size x devices x nodes).
         num_workers: data loader worker processes.
         val_fraction: share of digits / synthetic held out for validation (stratified, fixed by `seed`).
         seed: seed of the digits / synthetic split and of the repeated-augmentation order
             (`split_fingerprint` tells whether two runs hold out the same images).
-        mean: per-channel normalisation mean; None = the dataset's own (computed on training images).
-        std: per-channel normalisation std; None = the dataset's own.
+        mean: per-channel normalisation mean; None = the pretrained weights' when the model starts from
+            pretrained weights, else the dataset's own (computed on training images).
+        std: per-channel normalisation std; None = the pretrained weights', else the dataset's own.
         crop: training crop: `pad` (random crop after zero padding of img_size/8, the CIFAR recipe),
             `rrc` (RandomResizedCrop, the ImageNet recipe) or `none`. `pad` and `none` start from what
             evaluation sees (shorter side resized, centre crop: no stretching).
@@ -237,7 +239,7 @@ class ImageDataModule(L.LightningDataModule):
         self,
         source: Source = "digits",
         root: str | None = None,
-        img_size: int = 8,
+        img_size: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         val_fraction: float = 0.2,
@@ -273,6 +275,8 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"data.source={source!r} is unknown; use digits, imagefolder, cifar10, cifar100 or synthetic")
         if source in ("imagefolder", "cifar10", "cifar100") and not root:
             raise ValueError(f"data.root is required for data.source={source}; pass --data.root DIR")
+        self._img_size_given = img_size is not None
+        img_size = 8 if img_size is None else img_size
         if img_size < 1 or batch_size < 1:
             raise ValueError(f"data.img_size={img_size} and data.batch_size={batch_size} must be positive")
         from .transforms import check_crop_pct, check_interpolation
@@ -480,6 +484,7 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        self._adopt_pretrained_input()
         hp = self.hparams
         train_tf, eval_tf = self.train_transform(), self.eval_transform()
         if self.source == "digits":
@@ -519,6 +524,20 @@ class ImageDataModule(L.LightningDataModule):
                 mixup_alpha=hp.mixup, cutmix_alpha=hp.cutmix, prob=hp.mixup_prob,
                 switch_prob=hp.mixup_switch_prob, label_smoothing=0.0, num_classes=self.num_classes,
             )
+
+    def _adopt_pretrained_input(self) -> None:
+        """mean/std/img_size of the model's pretrained weights, for those fields the recipe left unset.
+        Lightning sets up the datamodule before the LightningModule, so the datamodule asks the module
+        (`pretrained_input(in_chans)`, None without pretrained weights) before building transforms."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        ask = getattr(module, "pretrained_input", None)
+        cfg = ask(self.in_chans) if callable(ask) else None
+        if not cfg:
+            return
+        self._mean = list(cfg["mean"]) if self._mean is None else self._mean
+        self._std = list(cfg["std"]) if self._std is None else self._std
+        self.img_size = self.img_size if self._img_size_given else int(cfg["img_size"])
+        log.info("input as the pretrained weights expect: mean %s, std %s, %d px", self.mean, self.std, self.img_size)
 
     # ------------------------------------------------------------------------------- dataloaders
     def train_sampler(self):

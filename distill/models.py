@@ -127,12 +127,26 @@ def split_checkpoint(obj: dict[str, Any], prefix: str) -> tuple[dict[str, torch.
 
 
 # -------------------------------------------------------------------------------------------- builders
-def _create(name: str, **kwargs) -> nn.Module:
+def _check_model_name(name: str) -> None:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ValueError(f"model {name!r} is not a timm model{hint}")
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    _check_model_name(name)
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _pretrained_weights(pretrained: Any, name: str, field: str):
+    """`pretrained` read into `distill.pretrained.PretrainedWeights`, or None for a random init."""
+    if pretrained is None or pretrained is False:
+        return None
+    from .pretrained import resolve
+
+    _check_model_name(name)
+    return resolve(pretrained, name, field)
 
 
 def build_teacher(
@@ -145,13 +159,22 @@ def build_teacher(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     img_size: int | None = None,
+    pretrained: bool | str | os.PathLike | None = None,
+    pretrained_field: str = "pretrained",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm CNN (resnet18/50, regnety_*, cifar_resnet18, ...) with its metadata attached.
 
     `checkpoint` is a step-1 checkpoint of this toolkit (its architecture, classes, mean/std and input
     size are read from it and win over the arguments), a plain state_dict file or a safetensors file,
-    all loaded without running pickled code.
+    all loaded without running pickled code: the network as it was trained.
+
+    `pretrained` initialises the network for a new task instead (`distill.pretrained`): true for
+    timm's pretrained weights of `name`, or a weights file (safetensors, .pth/.bin, DeiT's release
+    format, a step-1 or step-2 checkpoint). The classifier is new when the class count (or the
+    recorded class names) differ, the first convolution is adapted to `in_chans`; architecture
+    arguments a toolkit file records (e.g. base_width) fill those not given. `pretrained_field` names
+    the setting in error messages.
     """
     state_dict, hp = None, {}
     if checkpoint is not None:
@@ -176,7 +199,22 @@ def build_teacher(
             num_classes = int(head[-1].shape[0]) if head else None
     if num_classes is None:
         raise ValueError("build_teacher: num_classes is required (or a checkpoint of this toolkit that records it)")
-    model = _create(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    if checkpoint is not None and pretrained not in (None, False):
+        raise ValueError("build_teacher: give checkpoint (the network as trained) or pretrained (weights to start "
+                         "from for a new task), not both")
+    weights = _pretrained_weights(pretrained, name, pretrained_field)
+    if weights is not None:
+        if weights.arch and weights.arch != name:
+            raise ValueError(f"{pretrained_field}: {weights.source} holds a {weights.arch}, not a {name}; "
+                             f"name that architecture or use weights of {name}")
+        timm_kwargs = {**weights.model_kwargs, **timm_kwargs}
+        _check_model_name(name)
+        from .pretrained import create_pretrained
+
+        model = create_pretrained(name, weights, num_classes=num_classes, in_chans=in_chans, class_names=class_names,
+                                  field_name=pretrained_field, **timm_kwargs)
+    else:
+        model = _create(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
@@ -204,6 +242,9 @@ def build_student(
     num_heads: int | None = None,
     drop_path_rate: float = 0.1,
     distilled: bool = True,
+    pretrained: bool | str | os.PathLike | None = None,
+    class_names: Sequence[str] | None = None,
+    pretrained_field: str = "pretrained",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm Vision Transformer student.
@@ -212,6 +253,14 @@ def build_student(
     in training mode it returns `(z_cls, z_dist)`, in eval mode the fused logits `(z_cls + z_dist) / 2`.
     `distilled=False` gives the plain ViT of the same size (one head), for Hinton-style KD or the
     no-distillation baseline. `embed_dim`, `depth`, `num_heads`, `patch_size` override the named size.
+
+    `pretrained` initialises it from pretrained weights (`distill.pretrained`): true for timm's weights
+    of the named model, or a file (safetensors, .pth/.bin, DeiT's release format, a `distill export`
+    output, a step-2 checkpoint). Position embeddings are resampled to the image size and patch grid,
+    the patch embedding to `in_chans`, both heads are new when the class count (or, given
+    `class_names`, the recorded class names) differ; the distillation token is kept, or new for
+    plain ViT weights. Sizes a toolkit file records fill `embed_dim`/`depth`/`num_heads`/`patch_size`
+    left as None.
     """
     if distilled and "distilled" not in name:
         raise ValueError(
@@ -219,12 +268,24 @@ def build_student(
             f"(e.g. deit_tiny_distilled_patch16_224) or distilled=False"
         )
     arch = name if distilled else name.replace("_distilled", "")
+    weights = _pretrained_weights(pretrained, arch, pretrained_field)
     overrides = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    if weights is not None:  # sizes the file records, where none are given
+        overrides = {k: v if v is not None else weights.model_kwargs.get(k) for k, v in overrides.items()}
+        patch_size, embed_dim, depth, num_heads = (overrides[k] for k in ("patch_size", "embed_dim", "depth", "num_heads"))
     kwargs = {k: v for k, v in overrides.items() if v is not None}
-    model = _create(
-        arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-        drop_path_rate=drop_path_rate, **kwargs, **timm_kwargs,
-    )
+    if weights is not None:
+        from .pretrained import create_pretrained
+
+        model = create_pretrained(
+            arch, weights, num_classes=num_classes, in_chans=in_chans, class_names=class_names, distilled=distilled,
+            field_name=pretrained_field, img_size=img_size, drop_path_rate=drop_path_rate, **kwargs, **timm_kwargs,
+        )
+    else:
+        model = _create(
+            arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+            drop_path_rate=drop_path_rate, **kwargs, **timm_kwargs,
+        )
     # The patch size in effect (given, or the named model's: 16 for DeiT) must divide the image, or
     # timm silently drops the pixels past the last whole patch.
     effective_patch = model.patch_embed.patch_size[-1]
@@ -237,7 +298,7 @@ def build_student(
     if distilled:
         assert isinstance(model, VisionTransformerDistilled)
         model.set_distilled_training(True)
-    set_model_meta(model, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    set_model_meta(model, num_classes=num_classes, in_chans=in_chans, img_size=img_size, class_names=class_names)
     model.pretrained_cfg["architecture"] = arch
     model.distill_spec = dict(
         name=name, num_classes=num_classes, img_size=img_size, patch_size=patch_size, in_chans=in_chans,

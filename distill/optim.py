@@ -12,23 +12,37 @@ log = logging.getLogger(__name__)
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None,
-          extra: nn.Module | None = None) -> torch.optim.Optimizer:
+          extra: nn.Module | None = None, layer_decay: float | None = None) -> torch.optim.Optimizer:
     """AdamW over `model`'s parameters (and `extra`'s, e.g. feature-guidance projections), with no
     weight decay on norms, biases and whatever the model lists in `no_weight_decay()` (timm ViTs:
-    position embedding, class and distillation tokens)."""
-    from timm.optim import param_groups_weight_decay
+    position embedding, class and distillation tokens).
 
-    modules = [model] + ([extra] if extra is not None else [])
+    `layer_decay` (fine-tuning, BEiT/DeiT-III style): timm's `param_groups_layer_decay` puts each layer
+    of `model` in its own group with `lr_scale = layer_decay ** (last layer - layer)` (the head gets `lr`,
+    the patch embedding the smallest share); the scale is folded into each group's `lr` here, because the
+    schedule (a LambdaLR) multiplies each group's own initial lr and knows nothing of `lr_scale`."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
     kwargs = {}
+    modules = [model] + ([extra] if extra is not None else [])
     if fused is None:
         fused = torch.cuda.is_available() and all(p.is_cuda for m in modules for p in m.parameters())
     if fused:
         kwargs["fused"] = True
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"model.layer_decay={layer_decay} must lie in (0, 1] (DeiT-III/BEiT fine-tuning: 0.65-0.75) "
+                         f"or be null")
     groups = []
-    for m in modules:
+    for i, m in enumerate(modules):
         skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else ()
-        groups += param_groups_weight_decay(m, weight_decay, no_weight_decay_list=skip)
-    return create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, **kwargs)
+        if i == 0 and layer_decay is not None:
+            groups += param_groups_layer_decay(m, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+        else:
+            groups += param_groups_weight_decay(m, weight_decay, no_weight_decay_list=skip)
+    opt = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, **kwargs)
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return opt
 
 
 def warmup_cosine(
@@ -93,19 +107,20 @@ def scaled_lr(trainer, lr: float, reference_batch: int | None) -> float:
 
 def optimizer_config(module, model: nn.Module, lr: float, weight_decay: float, warmup_epochs: float,
                      min_lr_ratio: float, warmup_start_ratio: float = 0.0, cooldown_epochs: float = 0.0,
-                     lr_reference_batch: int | None = None, extra: nn.Module | None = None) -> dict:
+                     lr_reference_batch: int | None = None, layer_decay: float | None = None,
+                     extra: nn.Module | None = None) -> dict:
     """`configure_optimizers` output for a LightningModule training `model` (a submodule).
 
     The schedule follows the real run: warm-up and cool-down are measured in real epochs (batches per
     epoch and gradient accumulation included) and the cosine ends where training ends, whether that
-    is set by `trainer.max_epochs`, `trainer.max_steps` or both."""
+    is set by `trainer.max_epochs`, `trainer.max_steps` or both. `layer_decay`: see `adamw`."""
     trainer = module.trainer
     total = trainer.estimated_stepping_batches  # also loads the training data: num_training_batches is known
     per_epoch = steps_per_epoch(trainer) if (warmup_epochs or cooldown_epochs) else 1
     if not math.isfinite(total):
         raise ValueError("the run has no end: set trainer.max_epochs or trainer.max_steps")
     lr = scaled_lr(trainer, lr, lr_reference_batch)
-    opt = adamw(model, lr, weight_decay, extra=extra)
+    opt = adamw(model, lr, weight_decay, extra=extra, layer_decay=layer_decay)
     sched = warmup_cosine(opt, int(total), round(warmup_epochs * per_epoch), min_lr_ratio, warmup_start_ratio,
                           round(cooldown_epochs * per_epoch))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -35,6 +35,11 @@ class StudentConfig:
         num_heads: attention heads; None = the named model's.
         drop_path_rate: stochastic depth rate (DeiT: 0.1).
         distilled: with DeiT's distillation token and head; false = a plain ViT (Hinton KD, no distillation).
+        pretrained: start from pretrained weights (`distill.pretrained`): true = timm's weights of `name`,
+            or a file (safetensors, .pth/.bin, DeiT's release format, a `distill export` output, a step-2
+            checkpoint). Position embeddings are resampled, both heads new for other classes, plain ViT
+            weights get a new distillation token. The data's mean/std/size follow the weights' unless
+            `data.mean`/`std`/`img_size` are set. None = random init.
     """
 
     name: str = "deit_tiny_distilled_patch16_224"
@@ -47,6 +52,7 @@ class StudentConfig:
     num_heads: int | None = None
     drop_path_rate: float = 0.1
     distilled: bool = True
+    pretrained: Union[bool, str, None] = None
 
 
 class DistillModule(EvaluationSteps, L.LightningModule):
@@ -97,6 +103,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         feature_guidance: match the student's intermediate patch tokens to the teacher's feature maps
             (`distill.feature_guidance.FeatureGuidanceConfig`: student_blocks, teacher_layers, weight);
             logged as `train/loss_feature`. None = off.
+        layer_decay: layer-wise learning-rate decay for fine-tuning a pretrained student (timm's param
+            groups: each block's lr is lr x layer_decay^(blocks above it); DeiT-III: 0.65); None = off.
+        frozen_backbone_epochs: train only the student's heads for this many first epochs (`distill.finetune`).
     """
 
     prog_bar_metrics = ("acc", "acc_teacher")
@@ -123,6 +132,8 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         compile_teacher: bool = False,
         teacher_cache: Union[TeacherCacheConfig, str, None] = None,
         feature_guidance: Optional[FeatureGuidanceConfig] = None,
+        layer_decay: float | None = None,
+        frozen_backbone_epochs: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache", "feature_guidance"])
@@ -242,7 +253,11 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             if not self._config_complete():
                 raise ValueError("DistillModule: the student's num_classes/img_size/in_chans are unknown; "
                                  "set them in model.student or train with a datamodule")
-            self.student = build_student(**asdict(self.student_config))
+            class_names = (self.hparams.get("data") or {}).get("class_names")
+            self.student = build_student(**asdict(self.student_config), class_names=class_names,
+                                         pretrained_field="model.student.pretrained")
+            spec = self.student.distill_spec  # sizes a pretrained file recorded rebuild it later
+            self._fill_student_config(**{k: spec[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")})
         if getattr(self, "val_metrics", None) is None:
             num_classes = model_meta(self.student)["num_classes"]
             names = ["acc", "acc_cls", "acc_dist", "acc_top5"]
@@ -263,6 +278,16 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
             self.student_ema = ModelEmaV3(self.student, decay=self.hparams.ema_decay)
             self.student_ema.requires_grad_(False)
+
+    def pretrained_input(self, in_chans: int) -> dict[str, Any] | None:
+        """mean/std/img_size of the student's pretrained weights, for the datamodule's fields left unset."""
+        cfg = self.student_config
+        if cfg is None or not cfg.pretrained:
+            return None
+        from .pretrained import input_config
+
+        arch = cfg.name if cfg.distilled else cfg.name.replace("_distilled", "")
+        return input_config(cfg.pretrained, arch, in_chans, "model.student.pretrained")
 
     # ----------------------------------------------------------------------------------- steps
     def forward(self, x: torch.Tensor):
@@ -294,7 +319,12 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def configure_callbacks(self):
         # Stop on a non-finite loss before a checkpoint is written; keep RNG state for exact resume.
-        return [NonFiniteLossGuard(), ResumeState()]
+        callbacks = [NonFiniteLossGuard(), ResumeState()]
+        if self.hparams.get("frozen_backbone_epochs"):
+            from .finetune import FrozenBackbone
+
+            callbacks.append(FrozenBackbone(self.hparams.frozen_backbone_epochs, "student"))
+        return callbacks
 
     def _log_this_step(self, batch_idx: int) -> bool:
         """Training losses are logged on the steps the Trainer writes logs (`log_every_n_steps`), the
@@ -349,7 +379,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         hp = self.hparams
         return optimizer_config(self, self.student, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio,
                                 hp.warmup_start_ratio, hp.cooldown_epochs, hp.lr_reference_batch,
-                                extra=self.guidance)
+                                hp.get("layer_decay"), extra=self.guidance)
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_fit_start(self) -> None:
@@ -379,6 +409,11 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["distill_teacher"] = dict(self.teacher_identity)
         checkpoint["distill_run"] = run_record(self._trainer)
+        hp = checkpoint.get("hyper_parameters") or {}
+        if isinstance(hp.get("student"), dict) and hp["student"].get("pretrained"):
+            # the weights are in the checkpoint: reloading it needs no pretrained file
+            hp["pretrained_from"] = hp["student"]["pretrained"]
+            hp["student"] = {**hp["student"], "pretrained": None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is not in the checkpoint: it was reloaded from its file in __init__. Hand its
@@ -409,7 +444,8 @@ def load_student(checkpoint: str | os.PathLike) -> nn.Module:
     state_dict, hp = split_checkpoint(obj, "student.")
     if hp.get("distill_kind") != STUDENT_KIND:
         raise ValueError(f"{str(checkpoint)!r} is not a student (step 2) checkpoint of this toolkit")
-    model = build_student(**hp["student"])
+    spec = {k: v for k, v in hp["student"].items() if k != "pretrained"}  # the checkpoint holds the weights
+    model = build_student(**spec)
     model.load_state_dict(state_dict)
     data = hp.get("data") or {}
     if data:

@@ -42,6 +42,14 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
             lr_reference_batch (DeiT: lr 5e-4, reference 512). None = `lr` as given.
         label_smoothing: label smoothing of the cross-entropy.
         channels_last: run the CNN in channels_last memory format (faster convolutions on GPU).
+        pretrained: start from pretrained weights (`distill.pretrained`): true = timm's weights of
+            `model` (local cache, else download), or a file (safetensors, .pth/.bin, a step-1 checkpoint);
+            the classifier is new for other classes, the first convolution adapted to `in_chans`. The
+            data's mean/std/size follow the weights' unless `data.mean`/`std`/`img_size` are set.
+            None = random init.
+        layer_decay: layer-wise learning-rate decay (timm's param groups: each layer's lr is
+            lr x layer_decay^(layers above it)); None = off.
+        frozen_backbone_epochs: train only the classifier for this many first epochs (`distill.finetune`).
     """
 
     def __init__(
@@ -63,6 +71,9 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         lr_reference_batch: int | None = None,
         label_smoothing: float = 0.1,
         channels_last: bool = False,
+        pretrained: bool | str | None = None,
+        layer_decay: float | None = None,
+        frozen_backbone_epochs: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,8 +113,12 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
             raise ValueError("TeacherModule: num_classes is unknown; pass it or train with a datamodule")
         self.model = build_teacher(
             hp.model, hp.num_classes, hp.in_chans or 3, class_names=hp.class_names, mean=hp.input_mean,
-            std=hp.input_std, img_size=hp.input_size, **(hp.model_kwargs or {}),
+            std=hp.input_std, img_size=hp.input_size, pretrained=hp.get("pretrained"),
+            pretrained_field="model.pretrained", **(hp.model_kwargs or {}),
         )
+        if hp.get("pretrained"):  # architecture arguments the weights file recorded rebuild it later
+            spec = self.model.distill_spec
+            hp.model_kwargs = {k: v for k, v in spec.items() if k not in ("name", "num_classes", "in_chans")} or None
         if hp.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         names = ["acc", "acc_top5"]
@@ -113,6 +128,12 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
     @property
     def meta(self) -> dict[str, Any]:
         return model_meta(self.model)
+
+    def pretrained_input(self, in_chans: int) -> dict[str, Any] | None:
+        """mean/std/img_size of the pretrained weights, for the datamodule's fields left unset."""
+        from .pretrained import input_config
+
+        return input_config(self.hparams.get("pretrained"), self.hparams.model, in_chans, "model.pretrained")
 
     # ------------------------------------------------------------------------------------- steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +163,21 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
 
     def configure_callbacks(self):
         # Stop on a non-finite loss before a checkpoint is written; keep RNG state for exact resume.
-        return [NonFiniteLossGuard(), ResumeState()]
+        callbacks = [NonFiniteLossGuard(), ResumeState()]
+        if self.hparams.get("frozen_backbone_epochs"):
+            from .finetune import FrozenBackbone
+
+            callbacks.append(FrozenBackbone(self.hparams.frozen_backbone_epochs, "model"))
+        return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["distill_run"] = run_record(self._trainer)
+        hp = checkpoint.get("hyper_parameters") or {}
+        if hp.get("pretrained"):  # the weights are in the checkpoint: reloading it needs no pretrained file
+            hp["pretrained_from"], hp["pretrained"] = hp["pretrained"], None
 
     def configure_optimizers(self):
         hp = self.hparams
         return optimizer_config(self, self.model, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio,
-                                hp.warmup_start_ratio, hp.cooldown_epochs, hp.lr_reference_batch)
+                                hp.warmup_start_ratio, hp.cooldown_epochs, hp.lr_reference_batch,
+                                hp.get("layer_decay"))

@@ -22,9 +22,11 @@ from distill.data import CIFAR_STATS
 from distill.transforms import augment_ops, posterize_old_pillow
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+# the step recipes (teacher*.yaml, student*.yaml), not the extra configs some recipes ship (guidance.yaml)
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.name.startswith(("teacher", "student")))
 RECIPE_DIRS = sorted({p.parent for p in RECIPES})
-CIFAR_TEST = Path(os.environ.get("DISTILL_CIFAR10_JPEG", "/work/shared/data/cifar10-jpeg")) / "cifar10-test.tar.gz"
+# the shared benchmark data next to the checkout (../shared/data), or where DISTILL_CIFAR10_JPEG says
+CIFAR_TEST = Path(os.environ.get("DISTILL_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg")) / "cifar10-test.tar.gz"
 PUSHED = 2400  # images through each distinct training transform
 DEIT_RA = "rand-m9-mstd0.5-inc1"
 # LightningCLI warns when args are passed while sys.argv holds pytest's own
@@ -183,9 +185,12 @@ CPU_TINY = [
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--trainer.log_every_n_steps", "1", "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0",
 ]
-TINY_TEACHER = ["--model.init_args.model", "cifar_resnet10", "--model.init_args.model_kwargs", '{"base_width": 8}']
+# tiny networks from random weights (the transfer recipe's pretrained ones would need the network)
+TINY_TEACHER = ["--model.init_args.model", "cifar_resnet10", "--model.init_args.model_kwargs", '{"base_width": 8}',
+                "--model.init_args.pretrained", "null"]
 TINY_STUDENT = ["--model.init_args.student.patch_size", "8", "--model.init_args.student.embed_dim", "32",
-                "--model.init_args.student.depth", "1", "--model.init_args.student.num_heads", "2"]
+                "--model.init_args.student.depth", "1", "--model.init_args.student.num_heads", "2",
+                "--model.init_args.student.pretrained", "null"]
 
 
 @pytest.fixture(scope="module")
