@@ -83,8 +83,20 @@ class ResumeState(L.Callback):
       - resumed in the middle of an epoch: at `on_train_start`, after loading the saved loader state
         (`distill.keyed_views.KeyedLoader`: the epoch's order, minus the batches already trained),
         then the random state is restored again (the uninterrupted run built no iterator there).
-    Mid-epoch resume is exact only with a resumable training loader (`data.keyed_views: true`); plain
-    loaders resume exactly at epoch boundaries only (see `distill.data.ImageDataModule`).
+
+    What resumes bit-identically (same number of processes):
+      - from an epoch boundary (the default checkpoints, written at validation or epoch end): plain
+        and keyed training loaders; tested with plain loaders (mixup/cutmix, RandAugment, num_workers 0) and
+        keyed views (num_workers 1) in one process;
+      - from the middle of an epoch (step checkpoints, `checkpoint.every_n_train_steps`, or
+        `trainer.val_check_interval` < 1): only `data.keyed_views: true` (any num_workers), whose
+        loader saves its position; tested in one process and in two. Plain loaders (and
+        `data.on_device`) restart that epoch's rest with a fresh order (Lightning warns that the
+        loader is not resumable): training goes on, but not bit-identically and not every sample of
+        that epoch exactly once. They could be made exact with num_workers 0 only (a resumable
+        sampler; augmentations then draw from the main process's RNG, which is checkpointed); with
+        workers, each worker's augmentation RNG lives in its process and the loader has prefetched
+        batches beyond the step, so neither can be saved with the step.
     """
 
     def __init__(self) -> None:

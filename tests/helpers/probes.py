@@ -56,9 +56,9 @@ class RecordDraws(L.Callback):
 
 class CountValidation(L.Callback):
     """Each validation pass of the run: the number of samples all processes evaluated together and a
-    checksum (sum of per-sample CRC32s of the images), summed over processes; saved by rank 0 as
-    val-counts.json. Equal to the validation set's own count and checksum only if every sample was
-    evaluated exactly once."""
+    checksum (the sum of per-sample CRC32s of the images), summed over processes; saved by rank 0 as
+    val-counts.json at the end of fit or validate. Equal to the validation set's own count and
+    checksum only if every sample was evaluated exactly once."""
 
     def __init__(self) -> None:
         self.passes: list[list[int]] = []
@@ -80,7 +80,7 @@ class CountValidation(L.Callback):
             torch.distributed.all_reduce(total)
         self.passes.append(total.tolist())
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def teardown(self, trainer, pl_module, stage: str) -> None:  # after fit and validate alike
         if trainer.global_rank == 0:
             _write(trainer, "val-counts.json", self.passes)
 
