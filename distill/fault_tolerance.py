@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 def rng_state() -> dict[str, Any]:
     """This process's Python, NumPy and torch (CPU and, when initialised, CUDA) random states, as tensors
     and plain numbers only, so checkpoints still load with `weights_only=True`."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
@@ -86,8 +86,8 @@ class ResumeState(L.Callback):
 
     What resumes bit-identically (same number of processes):
       - from an epoch boundary (the default checkpoints, written at validation or epoch end): plain
-        and keyed training loaders; tested with plain loaders (mixup/cutmix, RandAugment, num_workers 0) and
-        keyed views (num_workers 1) in one process;
+        and keyed training loaders; tested with plain loaders (mixup/cutmix, RandAugment, num_workers
+        0) and keyed views (num_workers 1) in one process;
       - from the middle of an epoch (step checkpoints, `checkpoint.every_n_train_steps`, or
         `trainer.val_check_interval` < 1): only `data.keyed_views: true` (any num_workers), whose
         loader saves its position; tested in one process and in two. Plain loaders (and

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
