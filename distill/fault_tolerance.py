@@ -268,18 +268,33 @@ class NonFiniteLossGuard(L.Callback):
 class BestAndLastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose `last.ckpt` really is the last state. Lightning 2.6 refreshes `last` only
     at steps where a top-k checkpoint is also written, so after the best epoch `last` would go stale
-    and `--ckpt_path last` would silently restart from the best epoch."""
+    and `--ckpt_path last` would silently restart from the best epoch. Lightning also writes nothing at
+    a step that already has a checkpoint, so a step checkpoint (`every_n_train_steps`) that falls on an
+    epoch's last step would leave `last` without that epoch's validation (its metrics in
+    `distill_run`, the best score, the loop progress). Here every validation (or, without one, every
+    epoch end) that did not write `last` itself writes it."""
 
-    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+    _last_saves = 0  # times `last` was written: tells whether Lightning's own hook wrote it
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saves += 1
+
+    def _save_last_unless_saved(self, trainer: L.Trainer, saves_before: int) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if (self.save_last and self._last_saves == saves_before and not trainer.fast_dev_run
+                and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        before = self._last_saves
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
+            self._save_last_unless_saved(trainer, before)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        before = self._last_saves
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
+            self._save_last_unless_saved(trainer, before)

@@ -203,7 +203,7 @@ def test_last_checkpoint_is_the_last_state_when_the_metric_peaked_early(tmp_path
     code = main(["fit", "--config", TEACHER, *QUIET, "--model.init_args.model", "cifar_resnet10",
                  "--model.init_args.model_kwargs", '{"base_width": 8}', "--trainer.max_epochs", "3",
                  "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-                 "--checkpoint.monitor", "probe/peak", "--trainer.default_root_dir", str(root),
+                 "--checkpoint.monitor", "val/probe_peak", "--trainer.default_root_dir", str(root),
                  "--trainer.callbacks", '[{"class_path": "probes.PeakAtFirstEpoch"}]'])
     assert code == 0
     folder = root / "checkpoints"
@@ -252,3 +252,21 @@ def test_keyed_resume_at_an_epoch_boundary_with_workers_trains_the_resumed_epoch
     assert resumed_draws.states == clean_draws.states[3:]
     for key, value in clean.student.state_dict().items():
         torch.testing.assert_close(resumed.student.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_last_checkpoint_holds_the_validation_after_a_step_checkpoint_at_the_same_step(tmp_path, monkeypatch):
+    """A step checkpoint on an epoch's last step is written before that epoch's validation; `last`
+    must be written again after it (Lightning skips a second save at the same step)."""
+    from distill.cli import main
+
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
+    root = tmp_path / "run"
+    code = main(["fit", "--config", TEACHER, *QUIET, "--model.init_args.model", "cifar_resnet10",
+                 "--model.init_args.model_kwargs", '{"base_width": 8}', "--trainer.max_epochs", "2",
+                 "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(root),
+                 "--trainer.callbacks", '[{"class_path": "probes.PeakAtFirstEpoch"}]'])
+    assert code == 0
+    last = load(root / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4
+    assert last["distill_run"]["metrics"]["val/probe_peak"] == 0.5  # epoch 1's validation, not epoch 0's

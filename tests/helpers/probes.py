@@ -92,9 +92,9 @@ def image_checksum(dataset) -> list[int]:
 
 
 class PeakAtFirstEpoch(L.Callback):
-    """Logs `probe/peak`, a monitored value that is best at epoch 0 and worse at every later epoch,
+    """Logs `val/probe_peak`, a monitored value that is best at epoch 0 and worse at every later epoch,
     as a validation accuracy that peaks early would be."""
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            pl_module.log("probe/peak", 1.0 / (1 + trainer.current_epoch))
+            pl_module.log("val/probe_peak", 1.0 / (1 + trainer.current_epoch))
