@@ -227,6 +227,9 @@ class ImageDataModule(L.LightningDataModule):
         keyed_views: training batches are `(x, y, keys)`: every sample's augmentation is drawn from
             an RNG seeded by (`seed`, view, index), so a view replays bit-identically, and `keys` (a
             host-side int64 array of (index, view) rows) names it; needed by `model.teacher_cache`.
+            Also makes a resume from the middle of an epoch exact (step checkpoints,
+            `checkpoint.every_n_train_steps`); other training loaders resume exactly only from
+            epoch boundaries (see `distill.fault_tolerance.ResumeState`).
         view_epochs: with keyed_views, epoch `e` trains on view `e % view_epochs` (the number of
             views a teacher cache holds); None = a new view every epoch.
         on_device: keep the decoded images as one uint8 tensor on the training device and crop,

@@ -5,13 +5,22 @@ of FKD, Shen & Xing 2022); an interrupted run can also replay the rest of an epo
 
 `data.keyed_views: true` makes `ImageDataModule` serve training batches `(x, y, keys)` through
 `keyed_train_loader`; epoch `e` trains on view `e % view_epochs` (or a new view per epoch).
+
+Exact resume in the middle of an epoch: a sample's pixels depend only on `(seed, view, index)` and
+the epoch's order only on `(seed, epoch)`, so the position in the epoch (how many batches were
+trained) is all a checkpoint needs. `KeyedLoader` hands it to Lightning (which stores `state_dict()`
+of stateful training loaders in the fit loop's checkpoint state and calls `load_state_dict()` when it
+restarts mid-epoch), and `ViewKeySampler` then replays the epoch's order, skipping what was trained.
+This holds for any `num_workers`: no augmentation draws from a worker's own RNG.
 """
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Iterator
+from itertools import islice
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,31 +80,85 @@ def collate_keyed(samples: list) -> tuple:
 
 class ViewKeySampler(DistributedSampler):
     """A DistributedSampler (so Lightning neither replaces it nor forgets `set_epoch`) that yields
-    `view * N + i`, with `view = epoch % view_epochs` (or the epoch itself when view_epochs is None)."""
+    `view * N + i`, with `view = epoch % view_epochs` (or the epoch itself when view_epochs is None).
+
+    The order of an epoch depends only on `(seed, epoch)` (never on the global RNG, hence not on the
+    rank's seed either), so `skip_once(epoch, k)` can replay an interrupted epoch without its first
+    `k` samples of this rank's share."""
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0, view_epochs: int | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.view_epochs = view_epochs
+        self._skip: tuple[int, int] | None = None  # (epoch, samples) for the next pass over that epoch
 
     def view(self) -> int:
         return self.epoch % self.view_epochs if self.view_epochs else self.epoch
 
+    def skip_once(self, epoch: int, samples: int) -> None:
+        """The next pass over `epoch` starts after its first `samples` indices (then the skip is spent)."""
+        self._skip = (int(epoch), int(samples)) if samples > 0 else None
+
     def __iter__(self):
         n, v = len(self.dataset), self.view()  # type: ignore[arg-type]
-        return (v * n + int(i) for i in super().__iter__())
+        indices: Iterator[int] = super().__iter__()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = islice(indices, self._skip[1], None)
+            self._skip = None
+        return (v * n + int(i) for i in indices)
+
+
+class KeyedLoader(DataLoader):
+    """The keyed training DataLoader, stateful for Lightning: `state_dict()` is the position in the
+    epoch (`{"epoch", "batches"}` trained, read from the trainer through `position`), and
+    `load_state_dict()` sets the sampler to that epoch and skips the batches already trained.
+
+    The position comes from the trainer's own progress rather than from counting batches here: a
+    fetcher or worker prefetch may have drawn batches that were never trained."""
+
+    def __init__(self, *args: Any, position: Callable[[], tuple[int, int] | None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        where = self.position() if self.position is not None else None
+        return {} if where is None else {"epoch": int(where[0]), "batches": int(where[1])}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not state:
+            return
+        self.sampler.set_epoch(state["epoch"])  # type: ignore[union-attr]
+        self.sampler.skip_once(state["epoch"], state["batches"] * self.batch_size)  # type: ignore[union-attr]
+
+
+def _trainer_position(dm) -> Callable[[], tuple[int, int] | None]:
+    def position() -> tuple[int, int] | None:
+        trainer = getattr(dm, "trainer", None)
+        if trainer is None:
+            return None
+        # Batches of this epoch that went through the training step (`processed` is counted before the
+        # batch-end hooks, where step checkpoints are written, and equals `completed` afterwards).
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    return position
 
 
 def keyed_train_loader(dm, shuffle: bool = True) -> DataLoader:
-    """The training DataLoader of an `ImageDataModule` with `keyed_views: true`."""
+    """The training DataLoader of an `ImageDataModule` with `keyed_views: true`: a `KeyedLoader`."""
     hp = dm.hparams
     trainer = getattr(dm, "trainer", None)
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     ds = KeyedViews(dm.train_set, hp.seed)
     sampler = ViewKeySampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed,
                              view_epochs=hp.view_epochs)
-    return DataLoader(
+    if trainer is not None:
+        # Lightning builds the iterator (with workers, they draw the first indices at once) before it
+        # calls set_epoch, e.g. when it reloads the loaders every n epochs: start at the trainer's
+        # epoch, not 0. (On a resume the loaders are built before the epoch is restored; ResumeState
+        # rebuilds the iterator there.)
+        sampler.set_epoch(trainer.current_epoch)
+    return KeyedLoader(
         ds, batch_size=dm.batch_size, sampler=sampler, drop_last=hp.drop_last, num_workers=dm.num_workers,
         collate_fn=collate_keyed, pin_memory=hp.pin_memory and torch.cuda.is_available(),
-        persistent_workers=hp.persistent_workers and dm.num_workers > 0,
+        persistent_workers=hp.persistent_workers and dm.num_workers > 0, position=_trainer_position(dm),
     )

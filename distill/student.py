@@ -172,7 +172,6 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         else:
             self._fill_student_config()
         self.student_ema = None
-        self._ema_step = 0  # global_step of the last EMA update: once per optimizer step
         self._student_compiled = False
         if self.student is None and self._config_complete():
             self.configure_model()
@@ -338,18 +337,17 @@ class DistillModule(EvaluationSteps, L.LightningModule):
                 or batch_idx + 1 >= trainer.num_training_batches
                 or 0 < trainer.max_steps <= step)
 
-    def on_train_start(self) -> None:
-        self._ema_step = self.global_step  # also after a resume
-
     def on_train_epoch_start(self) -> None:
         self.loss.set_epoch(self.current_epoch)  # DKD's warm-up reads it
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Once per optimizer step, not per micro-batch: with gradient accumulation global_step only
-        # advances on the micro-batch where the optimizer stepped.
-        if self.student_ema is not None and self.global_step > self._ema_step:
-            self._ema_step = self.global_step
-            self.student_ema.update(self.student, step=self.global_step)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Once per optimizer step (never after a micro-batch that only accumulated), and inside the
+        # step: a step checkpoint, written by a callback at the batch's end before the module's own
+        # on_train_batch_end, then holds the EMA of the weights it holds, so a resume continues it
+        # exactly. Lightning counts the step (global_step) after this hook returns.
+        if self.student_ema is not None:
+            self.student_ema.update(self.student, step=self.global_step + 1)
 
     def _eval_step(self, batch, metrics: nn.ModuleDict) -> None:
         x, y = batch

@@ -1,14 +1,18 @@
-"""Two CPU processes (DDP over gloo) against one: validation counts every sample exactly once, training
-ends close to the single-process run, and a head left unused (loss.mode none) does not trip DDP."""
+"""Two CPU processes (DDP over gloo) against one: validation counts every sample exactly once (also
+inside training), training takes the same steps and learning rates as the single-process run and ends
+close to it, each process draws its own randomness (mixup) and a killed DDP run resumes bit-identically,
+and a head left unused (loss.mode none) does not trip DDP."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = str(REPO / "recipes/digits/teacher.yaml")
@@ -21,12 +25,21 @@ DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 pytestmark = pytest.mark.slow
 
 
-def distill(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+def distill(*args: str, returncode: int = 0) -> subprocess.CompletedProcess:
+    # tests/helpers on the path: test callbacks (probes, killer) by class_path
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests" / "helpers")}
     res = subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, env=env,
                          timeout=600, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == returncode, res.stderr[-3000:]
     return res
+
+
+def callbacks(*specs: dict) -> list[str]:
+    return ["--trainer.callbacks", json.dumps(list(specs))]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def last_metrics(root: Path) -> dict[str, float]:
@@ -45,15 +58,29 @@ def single_teacher(tmp_path_factory):
     return root
 
 
+def expected_validation() -> list[int]:
+    """[count, checksum] of the 361 validation images, as probes.CountValidation sums them."""
+    if str(REPO / "tests" / "helpers") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from probes import image_checksum
+
+    from distill import ImageDataModule
+
+    dm = ImageDataModule("digits", img_size=8, val_fraction=0.2007)
+    dm.setup("fit")
+    expected = image_checksum(dm.val_set)
+    assert expected[0] == 361
+    return expected
+
+
 def test_validation_counts_each_sample_once(single_teacher, tmp_path):
-    ckpt = str(single_teacher / "checkpoints" / "last.ckpt")
-    one, two = tmp_path / "one", tmp_path / "two"
-    distill("validate", "--config", TEACHER, *COMMON, "--model.init_args.model", "cifar_resnet10", "--ckpt_path", ckpt,
-            "--trainer.default_root_dir", str(one), "--trainer.devices", "1")
-    distill("validate", "--config", TEACHER, *COMMON, "--model.init_args.model", "cifar_resnet10", "--ckpt_path", ckpt,
-            "--trainer.default_root_dir", str(two), *DDP)
-    a, b = last_metrics(one), last_metrics(two)
-    # accuracies are counts over 361 images: equal only if both runs saw each image exactly once
+    two = tmp_path / "two"
+    distill("validate", "--config", TEACHER, *COMMON, "--model.init_args.model", "cifar_resnet10", "--ckpt_path",
+            str(single_teacher / "checkpoints" / "last.ckpt"), "--trainer.default_root_dir", str(two), *DDP,
+            *callbacks({"class_path": "probes.CountValidation"}))
+    assert json.loads((two / "val-counts.json").read_text()) == [expected_validation()]
+    # the single-process run validated these same weights last; accuracies are counts over 361 images
+    a, b = last_metrics(single_teacher), last_metrics(two)
     assert a["val/acc"] == b["val/acc"]
     assert a["val/acc_top5"] == b["val/acc_top5"]
     assert round(a["val/acc"] * 361, 3) == round(a["val/acc"] * 361)
@@ -61,12 +88,61 @@ def test_validation_counts_each_sample_once(single_teacher, tmp_path):
 
 def test_two_processes_train_like_one(single_teacher, tmp_path):
     root = tmp_path / "ddp"
-    # per-device batch 32 x 2 processes = the single run's global batch of 64
+    # per-device batch 32 x 2 processes = the single run's global batch of 64; the 1,436 training images
+    # make 22 batches of 64 in one process and 22 of 32 (of 718 per process) in each of two
     distill("fit", "--config", TEACHER, *COMMON, *DDP, "--trainer.max_epochs", "2", "--model.init_args.model",
-            "cifar_resnet10", "--data.batch_size", "32", "--trainer.default_root_dir", str(root))
+            "cifar_resnet10", "--data.batch_size", "32", "--trainer.default_root_dir", str(root),
+            *callbacks({"class_path": "probes.CountValidation"}))
+    one, two = load(single_teacher / "checkpoints" / "last.ckpt"), load(root / "checkpoints" / "last.ckpt")
+    assert one["global_step"] == two["global_step"] == 44
+    lr = [c["optimizer_states"][0]["param_groups"][0]["lr"] for c in (one, two)]
+    assert lr[0] == lr[1] < 2e-3  # the same schedule, step by step, to its end
+    # every validation pass of the DDP training run saw each of the 361 images exactly once
+    expected = expected_validation()
+    assert json.loads((root / "val-counts.json").read_text()) == [expected, expected]
     a, b = last_metrics(single_teacher), last_metrics(root)
     assert abs(a["val/acc"] - b["val/acc"]) < 0.05
     assert b["val/acc"] > 0.8
+
+
+def test_processes_draw_their_own_randomness_and_a_killed_run_resumes_bit_identically(single_teacher, tmp_path):
+    """Student with keyed views, RandAugment, mixup/cutmix, drop path and EMA on two processes: each
+    process draws its own mixup lambdas (NumPy's global RNG, seeded seed + rank); killed two steps
+    into epoch 1 (after a step checkpoint) and resumed, each process continues its own streams and the
+    run ends on the uninterrupted run's weights, bit for bit."""
+    args = ["fit", "--config", STUDENT, *COMMON, *DDP, "--model.init_args.teacher",
+            str(single_teacher / "checkpoints" / "last.ckpt"), "--model.init_args.student.depth", "2",
+            "--model.init_args.student.embed_dim", "32", "--model.init_args.student.num_heads", "2",
+            "--model.init_args.student.drop_path_rate", "0.2", "--model.init_args.ema_decay", "0.9",
+            "--model.init_args.warmup_epochs", "1", "--data.batch_size", "32", "--data.keyed_views", "true",
+            "--data.auto_augment", "rand-m9-n2-inc1", "--data.mixup", "0.8", "--data.cutmix", "1.0",
+            "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
+            "--trainer.deterministic", "true", "--checkpoint.every_n_train_steps", "3"]
+    record = {"class_path": "probes.RecordDraws"}
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    distill(*args, "--trainer.default_root_dir", str(clean), *callbacks(record))
+    draws = [json.loads((clean / f"draws-rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(draws[0]["lams"]) == len(draws[1]["lams"]) == 8
+    assert all(a != b for a, b in zip(draws[0]["lams"], draws[1]["lams"]))
+    assert all(a != b for a, b in zip(draws[0]["states"], draws[1]["states"]))
+
+    distill(*args, "--trainer.default_root_dir", str(killed),
+            *callbacks({"class_path": "killer.KillAtStep", "init_args": {"step": 7}}), returncode=-9)
+    last = killed / "checkpoints" / "last.ckpt"
+    at_kill = load(last)
+    assert (at_kill["epoch"], at_kill["global_step"]) == (1, 6)  # 2 of epoch 1's 4 batches trained
+    assert at_kill["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    assert at_kill["callbacks"]["ResumeState"]["world_size"] == 2
+
+    distill(*args, "--trainer.default_root_dir", str(killed), "--ckpt_path", "last", *callbacks(record))
+    for r in (0, 1):  # each process resumed its own stream
+        again = json.loads((killed / f"draws-rank{r}.json").read_text())
+        assert again["lams"] == draws[r]["lams"][6:] and again["keys"] == draws[r]["keys"][6:]
+    a, b = load(clean / "checkpoints" / "last.ckpt"), load(last)
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("loss", [["--model.init_args.loss.mode", "none"], ["--model.init_args.loss.alpha", "1.0"],

@@ -1,4 +1,4 @@
-"""Faults: SIGKILL mid-epoch then `--ckpt_path last` ends where an uninterrupted run ends; a kill during a
+"""Faults: SIGKILL then `--ckpt_path last` ends where an uninterrupted run ends; a kill during a
 checkpoint write leaves the previous one loadable; a non-finite loss stops the run and keeps the last
 good checkpoint; pickles that would run code are refused."""
 from __future__ import annotations
@@ -30,8 +30,12 @@ def distill_fit(*args: str, root: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-    common = ["--trainer.max_epochs", "3", "--trainer.deterministic", "true"]
+def test_sigkill_then_resume_from_epoch_end_matches_uninterrupted_run_with_mixup_and_randaugment(tmp_path):
+    """A plain (not keyed) loader resumes exactly from an epoch boundary: the checkpoint's Python and
+    NumPy states carry RandAugment (Python's RNG, in the main process with num_workers 0) and
+    mixup/cutmix (NumPy's) on; the epoch order is drawn from torch's."""
+    common = ["--trainer.max_epochs", "3", "--trainer.deterministic", "true", "--data.mixup", "0.8",
+              "--data.cutmix", "1.0", "--data.auto_augment", "rand-m9-n2-inc1"]
     clean = distill_fit(*common, root=tmp_path / "clean")
     assert clean.returncode == 0, clean.stderr[-2000:]
 

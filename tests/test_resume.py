@@ -1,0 +1,272 @@
+"""Exact resume: the random state of every process, keyed-view training resumed in the middle of an
+epoch (student with its teacher reloaded from file, EMA, mixup, RandAugment), and `last.ckpt` that
+stays the last state when the monitored metric peaks early."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from distill.fault_tolerance import ResumeState, rng_state
+from distill.keyed_views import KeyedLoader, KeyedViews, ViewKeySampler, keyed_train_loader
+
+REPO = Path(__file__).resolve().parent.parent
+STUDENT = str(REPO / "recipes/digits/student.yaml")
+TEACHER = str(REPO / "recipes/digits/teacher.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def distill_fit(*args: str, root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers"), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "distill.cli", "fit", *args, "--trainer.default_root_dir", str(root)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+# --------------------------------------------------------------------------------- keyed sampler
+def test_view_key_sampler_skips_the_trained_part_of_one_epoch_once():
+    ds = TensorDataset(torch.arange(20))
+    sampler = ViewKeySampler(ds, num_replicas=2, rank=1, seed=3, view_epochs=None)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.skip_once(2, 4)
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full  # spent
+    sampler.skip_once(2, 4)
+    sampler.set_epoch(3)
+    assert next(iter(sampler)) // 20 == 3 and len(list(sampler)) == len(full)  # another epoch: no skip
+
+
+def test_keyed_loader_state_round_trip_replays_the_rest_of_the_epoch():
+    ds = KeyedViews(TensorDataset(torch.arange(40).float(), torch.arange(40)), seed=0)
+    position = [1, 0]
+    make = lambda: KeyedLoader(ds, batch_size=4, sampler=ViewKeySampler(ds, seed=5), drop_last=True,
+                               position=lambda: tuple(position))
+    first = make()
+    first.sampler.set_epoch(1)
+    batches = [b[2][:, 0].tolist() for b in first]
+    position[1] = 3  # three batches of epoch 1 trained when the checkpoint was written
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches": 3}
+    again = make()  # a fresh process: sampler at epoch 0, as Lightning builds it
+    again.load_state_dict(state)
+    assert [b[2][:, 0].tolist() for b in again] == batches[3:]
+
+
+def test_keyed_views_do_not_depend_on_the_process_random_state():
+    from distill import ImageDataModule
+
+    dm = ImageDataModule("digits", img_size=8, crop="pad", auto_augment="rand-m9-n2-inc1", seed=1)
+    dm.setup("fit")
+    views = KeyedViews(dm.train_set, seed=1)
+    out = []
+    for rank_seed in (0, 1):  # what two processes seeded seed + rank would hold
+        torch.manual_seed(rank_seed), np.random.seed(rank_seed), random.seed(rank_seed)
+        out.append(torch.stack([views[k][0] for k in (3, 1000, 5000)]))
+    assert torch.equal(out[0], out[1])
+
+
+def test_keyed_loader_starts_at_the_trainers_epoch():
+    """Lightning creates the training iterator (and starts its workers, which draw the first indices)
+    before it calls set_epoch; on a resume the sampler must already be at the resumed epoch."""
+    from distill import ImageDataModule
+
+    dm = ImageDataModule("digits", img_size=8, keyed_views=True)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, current_epoch=3)
+    loader = keyed_train_loader(dm)
+    assert loader.sampler.epoch == 3
+    assert next(iter(loader))[2][0, 1] == 3  # view 3
+
+
+# ------------------------------------------------------------------------------- random states
+def _fake_trainer(rank: int = 0, world: int = 1, step: int = 0):
+    return SimpleNamespace(global_rank=rank, world_size=world, global_step=step)
+
+
+def test_resume_state_restores_this_process_stream(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    cb = ResumeState()
+    cb.setup(_fake_trainer(), None, "fit")
+    state = cb.state_dict()
+    assert state["world_size"] == 1 and len(state["ranks"]) == 1
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    again = ResumeState()
+    again.setup(_fake_trainer(), None, "fit")
+    again.load_state_dict(state)
+    again.on_fit_start(_fake_trainer(), None)  # resumed: no fresh seed
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_resume_state_reads_a_single_process_checkpoint_of_the_older_format():
+    old = rng_state()
+    expected = torch.rand(2)
+    cb = ResumeState()
+    cb.load_state_dict(old)  # {"torch", "numpy", "python"}: no "ranks"
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_each_process_after_rank_zero_gets_its_own_seed(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "11")
+    draws = []
+    for rank in (0, 1, 2):
+        torch.manual_seed(11), np.random.seed(11), random.seed(11)  # seed_everything: the same on every rank
+        ResumeState().on_fit_start(_fake_trainer(rank, 3), None)
+        draws.append((torch.rand(1).item(), np.random.rand(), random.random()))
+    assert draws[0] != draws[1] != draws[2] != draws[0]
+    torch.manual_seed(12), np.random.seed(12), random.seed(12)
+    assert draws[1] == (torch.rand(1).item(), np.random.rand(), random.random())  # rank 1: seed + 1, as in DeiT
+
+
+def test_resume_with_another_number_of_processes_warns_and_reseeds(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    saved = {"world_size": 2, "ranks": [rng_state(), rng_state()], "global_step": 5}
+    cb = ResumeState()
+    cb.setup(_fake_trainer(0, 1), None, "fit")
+    with pytest.warns(UserWarning, match="random states of 2 process"):
+        cb.load_state_dict(saved)
+
+
+def test_each_process_takes_its_own_state_from_the_checkpoint():
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(rng_state())
+    saved = {"world_size": 2, "ranks": states, "global_step": 3}
+    for rank in (0, 1):
+        cb = ResumeState()
+        cb.setup(_fake_trainer(rank, 2), None, "fit")
+        cb.load_state_dict(saved)
+        got = torch.rand(2)
+        torch.manual_seed(rank + 1)
+        assert torch.equal(got, torch.rand(2))
+
+
+# ------------------------------------------------------------------------------------- SIGKILL
+@pytest.mark.slow
+def test_student_with_keyed_views_resumes_mid_epoch_bit_identically(tmp_path, tiny_teacher_ckpt):
+    """Teacher reloaded from its file, EMA, keyed views with RandAugment (Python/NumPy RNG per sample),
+    mixup/cutmix (NumPy's global RNG), drop path (torch's): killed two steps into epoch 1, after a step
+    checkpoint, and resumed from it."""
+    common = [
+        "--config", STUDENT, *QUIET, "--model.init_args.teacher", str(tiny_teacher_ckpt),
+        "--model.init_args.student.depth", "2", "--model.init_args.student.embed_dim", "32",
+        "--model.init_args.student.num_heads", "2", "--model.init_args.student.drop_path_rate", "0.2",
+        "--model.init_args.ema_decay", "0.9", "--model.init_args.warmup_epochs", "1",
+        "--data.keyed_views", "true", "--data.auto_augment", "rand-m9-n2-inc1", "--data.mixup", "0.8",
+        "--data.cutmix", "1.0", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6",
+        "--trainer.limit_val_batches", "2", "--trainer.deterministic", "true", "--checkpoint.every_n_train_steps", "4",
+    ]
+    clean = distill_fit(*common, root=tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    killed = distill_fit(*common, "--trainer.callbacks", '[{"class_path": "killer.KillAtStep", "init_args": {"step": 10}}]',
+                         root=tmp_path / "killed")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    at_kill = load(last)
+    assert at_kill["global_step"] == 8 and at_kill["epoch"] == 1  # 2 of epoch 1's 6 batches trained
+    assert at_kill["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+
+    resumed = distill_fit(*common, "--ckpt_path", "last", root=tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load(tmp_path / "clean" / "checkpoints" / "last.ckpt"), load(last)
+    assert a["global_step"] == b["global_step"] == 12
+    assert any(k.startswith("student_ema.") for k in a["state_dict"])
+    assert_same_weights(a, b)
+    assert a["distill_run"]["metrics"] == b["distill_run"]["metrics"]
+
+
+def test_last_checkpoint_is_the_last_state_when_the_metric_peaked_early(tmp_path, monkeypatch):
+    from distill.cli import main
+
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
+    root = tmp_path / "run"
+    code = main(["fit", "--config", TEACHER, *QUIET, "--model.init_args.model", "cifar_resnet10",
+                 "--model.init_args.model_kwargs", '{"base_width": 8}', "--trainer.max_epochs", "3",
+                 "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--checkpoint.monitor", "val/probe_peak", "--trainer.default_root_dir", str(root),
+                 "--trainer.callbacks", '[{"class_path": "probes.PeakAtFirstEpoch"}]'])
+    assert code == 0
+    folder = root / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    best, last = load(folder / "best-epoch000.ckpt"), load(folder / "last.ckpt")
+    assert (best["epoch"], best["global_step"]) == (0, 2)
+    assert (last["epoch"], last["global_step"]) == (2, 6)  # the end of the run, not the best epoch
+
+
+# ------------------------------------------------------------------ in-process resume with workers
+def _fit_keyed_student(root: Path, max_epochs: int, tiny_student: dict, ckpt: Path | None = None,
+                       save_after_epoch0: Path | None = None):
+    import lightning as L
+    from conftest import make_trainer
+    from probes import RecordDraws
+
+    from distill import DistillModule, ImageDataModule, StudentConfig
+    from distill.losses import DistillationLoss
+
+    L.seed_everything(0, verbose=False)
+    dm = ImageDataModule("digits", img_size=8, batch_size=32, crop="pad", keyed_views=True, num_workers=1,
+                         persistent_workers=False)
+    module = DistillModule(StudentConfig(**tiny_student), loss=DistillationLoss(mode="none"), warmup_epochs=0)
+    record = RecordDraws()
+
+    class SaveAfterEpoch0(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if save_after_epoch0 is not None and trainer.current_epoch == 0:
+                trainer.save_checkpoint(save_after_epoch0)
+
+    trainer = make_trainer(root, max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=0,
+                           callbacks=[record, SaveAfterEpoch0()])
+    trainer.fit(module, dm, ckpt_path=ckpt)
+    return trainer, module, record
+
+
+def test_keyed_resume_at_an_epoch_boundary_with_workers_trains_the_resumed_epoch(tmp_path, tiny_student, monkeypatch):
+    """With num_workers > 0 the workers draw an epoch's indices as soon as the iterator exists, and on a
+    resume Lightning builds it before it restores the epoch: the resumed epoch must not replay epoch 0."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    saved = tmp_path / "epoch0.ckpt"
+    _, clean, clean_draws = _fit_keyed_student(tmp_path / "clean", 2, tiny_student, save_after_epoch0=saved)
+    _, resumed, resumed_draws = _fit_keyed_student(tmp_path / "resumed", 2, tiny_student, ckpt=saved)
+    assert resumed_draws.keys == clean_draws.keys[3:]
+    assert resumed_draws.states == clean_draws.states[3:]
+    for key, value in clean.student.state_dict().items():
+        torch.testing.assert_close(resumed.student.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_last_checkpoint_holds_the_validation_after_a_step_checkpoint_at_the_same_step(tmp_path, monkeypatch):
+    """A step checkpoint on an epoch's last step is written before that epoch's validation; `last`
+    must be written again after it (Lightning skips a second save at the same step)."""
+    from distill.cli import main
+
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
+    root = tmp_path / "run"
+    code = main(["fit", "--config", TEACHER, *QUIET, "--model.init_args.model", "cifar_resnet10",
+                 "--model.init_args.model_kwargs", '{"base_width": 8}', "--trainer.max_epochs", "2",
+                 "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(root),
+                 "--trainer.callbacks", '[{"class_path": "probes.PeakAtFirstEpoch"}]'])
+    assert code == 0
+    last = load(root / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4
+    assert last["distill_run"]["metrics"]["val/probe_peak"] == 0.5  # epoch 1's validation, not epoch 0's
