@@ -16,7 +16,8 @@ from distill.pipeline import run_pipeline, split_overrides
 from helpers.wandb_records import WandbRun, finish_and_flush
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.name.startswith(("teacher", "student")))
+GUIDANCE = sorted((REPO / "recipes").glob("*/guidance.yaml"))  # configs added on top of a student recipe
 TINY = [
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -110,6 +111,14 @@ def test_every_recipe_parses(recipe):
     config = DistillCLI.parse_recipe(["--config", str(recipe)])
     assert config.model.class_path in ("distill.TeacherModule", "distill.DistillModule")
     assert config.trainer.max_epochs > 0
+
+
+@pytest.mark.parametrize("guidance", GUIDANCE, ids=lambda p: p.parent.name)
+def test_guidance_configs_add_feature_guidance_to_their_student(guidance):
+    config = DistillCLI.parse_recipe(["--config", str(guidance.parent / "student.yaml"), "--config", str(guidance)])
+    fg = config.model.init_args.feature_guidance
+    assert fg is not None and len(fg.student_blocks) == len(fg.teacher_layers) > 0
+    assert config.model.init_args.teacher_cache is None  # guidance reads the live teacher
 
 
 def test_unknown_recipe_key_is_a_one_line_error(tmp_path, capsys):
