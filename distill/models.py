@@ -149,6 +149,17 @@ def _pretrained_weights(pretrained: Any, name: str, field: str):
     return resolve(pretrained, name, field)
 
 
+def _input_channels(name: str, state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Input channels of a plain state_dict: its first convolution's (timm's `first_conv` of the model,
+    else the first 4-D weight)."""
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    first = getattr(cfg, "first_conv", None) if cfg is not None else None
+    weight = state_dict.get(f"{first}.weight") if isinstance(first, str) else None
+    if weight is None:
+        weight = next((v for v in state_dict.values() if torch.is_tensor(v) and v.ndim == 4), None)
+    return int(weight.shape[1]) if weight is not None else None
+
+
 def build_teacher(
     name: str,
     num_classes: int | None = None,
@@ -194,9 +205,11 @@ def build_teacher(
             mean, std = hp.get("input_mean") or mean, hp.get("input_std") or std
             img_size = hp.get("input_size") or img_size
             timm_kwargs = {**(hp.get("model_kwargs") or {}), **timm_kwargs}
-        elif num_classes is None:
-            head = [v for k, v in state_dict.items() if k.endswith(("fc.weight", "head.weight", "classifier.weight"))]
-            num_classes = int(head[-1].shape[0]) if head else None
+        else:  # a plain state_dict: its tensors tell the class and channel counts
+            if num_classes is None:
+                head = [v for k, v in state_dict.items() if k.endswith(("fc.weight", "head.weight", "classifier.weight"))]
+                num_classes = int(head[-1].shape[0]) if head else None
+            in_chans = _input_channels(name, state_dict) or in_chans
     if num_classes is None:
         raise ValueError("build_teacher: num_classes is required (or a checkpoint of this toolkit that records it)")
     if checkpoint is not None and pretrained not in (None, False):
@@ -216,6 +229,14 @@ def build_teacher(
     else:
         model = _create(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     if state_dict is not None:
+        mismatched = [(k, tuple(v.shape), tuple(model.state_dict()[k].shape)) for k, v in state_dict.items()
+                      if k in model.state_dict() and tuple(v.shape) != tuple(model.state_dict()[k].shape)]
+        if mismatched:
+            key, theirs, ours = mismatched[0]
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} does not fit {name} with {num_classes} classes and {in_chans} "
+                f"channels: {len(mismatched)} tensor(s) have other shapes, e.g. {key} {list(theirs)} in the file, "
+                f"{list(ours)} in the model; name the architecture (and model_kwargs) it was trained with")
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise ValueError(

@@ -230,8 +230,19 @@ def test_build_teacher_from_plain_weights(tmp_path, fmt):
 def test_build_teacher_plain_weights_of_other_architecture_refused(tmp_path):
     path = tmp_path / "teacher.pth"
     torch.save(build_teacher("cifar_resnet10", 6, base_width=8).state_dict(), path)
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ValueError) as err:
         build_teacher("cifar_resnet18", checkpoint=path)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400  # one line naming the first mismatch, not thousands
+    assert "other shapes, e.g. stem.0.weight [8, 3, 3, 3] in the file, [64, 3, 3, 3] in the model" in message
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_build_teacher_reads_the_channel_count_of_plain_weights(tmp_path, in_chans):
+    path = tmp_path / "teacher.pth"
+    torch.save(build_teacher("cifar_resnet10", 4, in_chans=in_chans, base_width=8).state_dict(), path)
+    model = build_teacher("cifar_resnet10", checkpoint=path, base_width=8)
+    assert model_meta(model)["in_chans"] == in_chans and model_meta(model)["num_classes"] == 4
 
 
 def test_student_checkpoint_refused_as_teacher(tiny_teacher_ckpt, tmp_path):
