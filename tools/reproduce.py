@@ -113,13 +113,16 @@ def table(runs: list[dict], variants: list[str]) -> list[dict]:
 
 
 def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides: list[str], command: str,
-              save=None, previous: dict | None = None) -> dict:
+              save=None, previous: dict | None = None, score: str = "best") -> dict:
     """Runs what `previous` (an earlier results.json of the same study) does not hold yet; `save(results)`
     is called after the teacher and after every student run, so an interrupted study loses one run."""
     recipe_dir = resolve_recipe(recipe)
     steps = split_overrides(overrides)
     previous = previous or {}
-    results = {"recipe": str(recipe_dir), "command": command, "hardware": hardware(),
+    if previous and previous.get("score", "best") != score:
+        raise ValueError(f"--score {score}: the study being resumed scored its runs by their {previous.get('score', 'best')} "
+                         f"checkpoint; use the same --score or another --out")
+    results = {"recipe": str(recipe_dir), "command": command, "hardware": hardware(), "score": score,
                "teacher": previous.get("teacher"), "runs": list(previous.get("runs") or []),
                "seconds": float(previous.get("seconds") or 0.0)}
     start = time.perf_counter()
@@ -132,7 +135,7 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
 
     teacher = results["teacher"]
     if not teacher or not Path(teacher.get("checkpoint") or "").is_file():
-        ckpt, metrics, seconds = run_step(recipe_dir / "teacher.yaml", steps["teacher"], out / "teacher")
+        ckpt, metrics, seconds = run_step(recipe_dir / "teacher.yaml", steps["teacher"], out / "teacher", score)
         results["teacher"] = {"checkpoint": ckpt, "val/acc": metrics.get("val/acc"), "seconds": round(seconds, 1),
                               "metrics": metrics}
         results["runs"] = []  # students of another teacher do not belong to this study
@@ -146,7 +149,7 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
                 continue
             args = [*extra, *steps["student"], *VARIANTS[variant], "--seed_everything", str(seed),
                     "--model.init_args.teacher", teacher_ckpt]
-            ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, out / f"{variant}-seed{seed}")
+            ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, out / f"{variant}-seed{seed}", score)
             results["runs"].append({"variant": variant, "seed": seed, "checkpoint": ckpt, "seconds": round(seconds, 1),
                                     "metrics": metrics})
             checkpoint()
@@ -167,9 +170,14 @@ def write_markdown(results: dict, path: Path) -> None:
     ]
     for row in results["table"]:
         lines.append(f"| {row['row']} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} | {row['n']} |")
-    lines += ["", "Each run is scored with its best checkpoint by fused `val/acc`, chosen on the same validation "
-              "split it is scored on (as the pipeline does); the class- and distillation-head rows read that "
-              "checkpoint's heads.", "", "Every run (and its checkpoint) is in results.json next to this file."]
+    if results.get("score") == "last":
+        lines += ["", "Each run is scored with its last checkpoint (the end of training): no checkpoint is chosen "
+                  "on the images it is scored on."]
+    else:
+        lines += ["", "Each run is scored with its best checkpoint by fused `val/acc`, chosen on the same validation "
+                  "split it is scored on (as the pipeline does); the class- and distillation-head rows read that "
+                  "checkpoint's heads."]
+    lines += ["", "Every run (and its checkpoint) is in results.json next to this file."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -211,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"default: DeiT's ablation ({' '.join(DEIT_VARIANTS)})")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=None, help="output folder (default results/<recipe name>)")
+    parser.add_argument("--score", choices=["best", "last"], default="best",
+                        help="score each run by its best checkpoint by val/acc (as the pipeline does) or by its last "
+                             "one (when validation is the test set: nothing chosen on it)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out or f"results/{Path(args.recipe).name}")
@@ -229,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             write_markdown(results, out / "results.md")
             write_plot(results, out / "results.png")
 
-    run_study(args.recipe, args.variants, args.seeds, out / "runs", overrides, command, save=save, previous=previous)
+    run_study(args.recipe, args.variants, args.seeds, out / "runs", overrides, command, save=save, previous=previous,
+              score=args.score)
     print((out / "results.md").read_text())
     return 0
 
