@@ -92,3 +92,21 @@ def test_every_variant_resolves_to_its_method(variant):
     assert (init.get("feature_guidance") is not None) == (variant in reproduce.GUIDED)
     if variant == "soft":
         assert loss["kl_reduction"] == "deit" and loss["tau"] == 3.0 and loss["alpha"] == 0.1  # DeiT's soft
+
+
+@pytest.mark.slow
+def test_pipeline_seeds_reports_the_range_over_seeds(tmp_path):
+    os.environ["WANDB_MODE"] = "offline"
+    tool = load_tool("pipeline_seeds")
+    out = tmp_path / "seeds"
+    assert tool.main(["digits", "--seeds", "2", "--out", str(out), *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in results["runs"]] == [0, 1]
+    fused = results["table"]["student val/acc, fused (best checkpoint: what the summary prints)"]
+    values = [r["summary"]["student"]["val/acc"] for r in results["runs"]]
+    assert fused["n"] == 2 and fused["min"] == min(values) and fused["max"] == max(values)
+    seeds = [torch.load(r["summary"]["student"]["checkpoint"], map_location="cpu", weights_only=True)
+             ["hyper_parameters"]["student"] for r in results["runs"]]
+    assert seeds[0] == seeds[1]  # the same recipe, only the seed differs
+    md = (out / "results.md").read_text()
+    assert md.startswith("<!-- regenerate: python tools/pipeline_seeds.py digits --seeds 2") and "min - max" in md
