@@ -62,7 +62,12 @@ def test_study_resumes_and_runs_the_new_variants(tmp_path):
     assert reproduce.main([*args, "--seeds", "1", "--variants", "none"]) == 0
     first = json.loads((out / "results.json").read_text())
     assert [(r["variant"], r["seed"]) for r in first["runs"]] == [("none", 0)]
+    # a run killed before it finished left its folder, with a checkpoint that is not this study's
+    stale = out / "runs" / "none-seed1" / "checkpoints"
+    stale.mkdir(parents=True)
+    torch.save({"stale": True}, stale / "best-epoch099.ckpt")
     assert reproduce.main([*args, "--seeds", "2", "--variants", "none", "lg"]) == 0
+    assert not (stale / "best-epoch099.ckpt").exists()
     second = json.loads((out / "results.json").read_text())
     assert second["teacher"] == first["teacher"]  # not trained again
     assert second["runs"][:1] == first["runs"]  # kept as it was

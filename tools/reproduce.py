@@ -30,6 +30,7 @@ import argparse
 import json
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -147,9 +148,13 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
         for seed in range(seeds):
             if (variant, seed) in done:
                 continue
+            root = out / f"{variant}-seed{seed}"
+            if root.exists():  # an interrupted run's folder: its checkpoints would be mistaken for this run's
+                print(f"removing {root}: a run that did not finish", file=sys.stderr)
+                shutil.rmtree(root)
             args = [*extra, *steps["student"], *VARIANTS[variant], "--seed_everything", str(seed),
                     "--model.init_args.teacher", teacher_ckpt]
-            ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, out / f"{variant}-seed{seed}", score)
+            ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, root, score)
             results["runs"].append({"variant": variant, "seed": seed, "checkpoint": ckpt, "seconds": round(seconds, 1),
                                     "metrics": metrics})
             checkpoint()
