@@ -40,6 +40,9 @@ import torch
 
 from distill.pipeline import resolve_recipe, run_step, split_overrides
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/study_plot.py
+from study_plot import bar_chart  # noqa: E402
+
 TOKEN = ["--model.init_args.student.distilled", "true"]
 NO_TOKEN = ["--model.init_args.student.distilled", "false"]
 LOSS = "--model.init_args.loss."
@@ -187,34 +190,13 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def write_plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["table"]
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    xs = range(len(rows))
     palette = {"none": "#999999", "soft": "#6baed6", "hard": "#3182bd", "token": "#fd8d3c", "dkd": "#74c476",
                "dist": "#31a354", "ls": "#9e9ac8", "lg": "#e6550d", "lg_dkd": "#a63603"}
-    ax.bar(xs, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], capsize=4,
-           color=[palette[r["variant"]] for r in rows])
-    teacher = results["teacher"]["val/acc"]
-    if teacher is not None:
-        ax.axhline(100 * teacher, color="black", linestyle="--", linewidth=1, label=f"teacher {100 * teacher:.1f}")
-        ax.legend(loc="lower right")
-    low = min(100 * (r["mean"] - r["std"]) for r in rows)
-    ax.set_ylim(max(0, low - 5), 100)
+    rows = results["table"]
     labels = ["token:\n" + r["row"].split(": ")[1] if r["variant"] == "token" else SHORT[r["variant"]] for r in rows]
-    fig.set_size_inches(max(8, 1.0 * len(rows)), 4)
-    ax.set_xticks(list(xs), labels, fontsize=7)
-    for x, r in zip(xs, rows):
-        ax.text(x, 100 * (r["mean"] + r["std"]) + 0.3, f"{100 * r['mean']:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title(f"Distillation variants, {Path(results['recipe']).name} ({results['hardware'].split(' (')[0]})")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    bar_chart(path, rows, labels, [palette[r["variant"]] for r in rows],
+              f"Distillation variants, {Path(results['recipe']).name} ({results['hardware'].split(' (')[0]})",
+              teacher=results["teacher"]["val/acc"])
 
 
 def main(argv: list[str] | None = None) -> int:

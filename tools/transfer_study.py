@@ -34,7 +34,8 @@ from PIL import Image
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, TeacherModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py
-from reproduce import hardware  # noqa: E402
+from reproduce import hardware, mean_std  # noqa: E402
+from study_plot import bar_chart  # noqa: E402
 
 TEACHER = dict(model="cifar_resnet10", model_kwargs={"base_width": 16}, lr=2e-3, weight_decay=0.05, warmup_epochs=1,
                label_smoothing=0.1)
@@ -153,10 +154,6 @@ ROWS = [  # (label, model, init, teacher)
 ]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def table(runs: list[dict]) -> list[dict]:
     rows = []
     for label, model, init, teacher in ROWS:
@@ -206,28 +203,11 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def write_plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["table"]
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    xs = range(len(rows))
-    colors = ["#bdbdbd", "#636363", "#fdd0a2", "#fdae6b", "#6baed6", "#08519c"]
-    ax.bar(xs, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], capsize=4, color=colors)
     labels = ["teacher\nscratch", "teacher\npretrained", "student scratch\nteacher scratch",
               "student scratch\nteacher pretr.", "student pretr.\nteacher scratch", "student pretr.\nteacher pretr."]
-    ax.set_xticks(list(xs), labels, fontsize=7)
-    for x, r in zip(xs, rows):
-        ax.text(x, 100 * (r["mean"] + r["std"]) + 0.5, f"{100 * r['mean']:.1f}", ha="center", va="bottom", fontsize=8)
-    low = min(100 * (r["mean"] - r["std"]) for r in rows)
-    ax.set_ylim(max(0, low - 10), 104)
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title(f"Digits 5-9, {SHOTS} images per class: from scratch vs pretrained on digits 0-4")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    colors = ["#bdbdbd", "#636363", "#fdd0a2", "#fdae6b", "#6baed6", "#08519c"]
+    bar_chart(path, results["table"], labels, colors,
+              f"Digits 5-9, {SHOTS} images per class: from scratch vs pretrained on digits 0-4", margin=10, top=104)
 
 
 def main(argv: list[str] | None = None) -> int:
