@@ -4,7 +4,7 @@ steps, each seed on its own), then the range of what the summary prints.
     python tools/pipeline_seeds.py recipes/digits --seeds 5 --out results/digits_pipeline
 
 writes OUT/results.json (every seed's summary) and OUT/results.md (mean +- std and min-max of the teacher's
-and the student's val/acc, best checkpoint and last epoch, and the wall time of each command, with the
+and the student's val/acc, best checkpoint and last epoch, and the wall time of each command in its own process, start-up included, with the
 command on top and the CPU). Extra `--section.key VALUE` overrides go to both steps, as in `distill pipeline`.
 """
 from __future__ import annotations
@@ -14,11 +14,10 @@ import csv
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-from distill.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py
 from reproduce import hardware  # noqa: E402
@@ -46,12 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in range(args.seeds):
+        run_dir = out / "runs" / f"seed{seed}"
+        # the command as a user types it, in its own process: the wall time includes start-up and imports
+        cmd = [sys.executable, "-m", "distill.cli", "pipeline", args.recipe, "--out", str(run_dir), *overrides,
+                   "--seed_everything", str(seed)]
         start = time.perf_counter()
-        summary = run_pipeline(args.recipe, str(out / "runs" / f"seed{seed}"),
-                               [*overrides, "--seed_everything", str(seed)])
+        subprocess.run(cmd, check=True)
         wall = time.perf_counter() - start
+        summary = json.loads((run_dir / "summary.json").read_text())
         runs.append(dict(seed=seed, wall_seconds=round(wall, 1), summary=summary,
-                         student_last_epoch=last_epoch_acc(out / "runs" / f"seed{seed}" / "student")))
+                         student_last_epoch=last_epoch_acc(run_dir / "student")))
     rows = {
         "teacher val/acc (best checkpoint)": [r["summary"]["teacher"]["val/acc"] for r in runs],
         "student val/acc, fused (best checkpoint: what the summary prints)": [r["summary"]["student"]["val/acc"] for r in runs],
