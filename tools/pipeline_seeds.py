@@ -4,8 +4,9 @@ steps, each seed on its own), then the range of what the summary prints.
     python tools/pipeline_seeds.py recipes/digits --seeds 5 --out results/digits_pipeline
 
 writes OUT/results.json (every seed's summary) and OUT/results.md (mean +- std and min-max of the teacher's
-and the student's val/acc, best checkpoint and last epoch, and the wall time of each command in its own process, start-up included, with the
-command on top and the CPU). Extra `--section.key VALUE` overrides go to both steps, as in `distill pipeline`.
+and the student's val/acc, best checkpoint and last epoch, and the wall time of each command in its own
+process, start-up included, with the command on top and the CPU). Extra `--section.key VALUE` overrides go
+to both steps, as in `distill pipeline`.
 """
 from __future__ import annotations
 
