@@ -25,14 +25,43 @@ from reproduce import hardware  # noqa: E402
 
 
 def last_epoch_acc(run_dir: Path) -> float | None:
-    """val/acc of the last validation in a step's metrics.csv (the last epoch, no checkpoint chosen)."""
+    """val/acc of the last epoch's validation in a step's metrics.csv (no checkpoint chosen). The pipeline
+    validates the chosen checkpoint once more after training: that row, the file's last, is left out."""
     rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("val/acc")]
-    return float(rows[-1]["val/acc"]) if rows else None
+    return float(rows[-2]["val/acc"]) if len(rows) > 1 else None
 
 
 def describe(values: list[float]) -> dict:
     return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
                 min=min(values), max=max(values), n=len(values))
+
+
+def write_report(out: Path, results: dict) -> None:
+    """OUT/results.json (with the table) and OUT/results.md from `results` (command, hardware, recipe, runs)."""
+    runs = results["runs"]
+    rows = {
+        "teacher val/acc (best checkpoint)": [r["summary"]["teacher"]["val/acc"] for r in runs],
+        "student val/acc, fused (best checkpoint: what the summary prints)": [r["summary"]["student"]["val/acc"] for r in runs],
+        "student class head (best checkpoint)": [r["summary"]["student"]["val/acc_cls"] for r in runs],
+        "student distillation head (best checkpoint)": [r["summary"]["student"]["val/acc_dist"] for r in runs],
+        "student val/acc, fused (last epoch)": [r["student_last_epoch"] for r in runs],
+        "whole command, wall seconds": [r["wall_seconds"] for r in runs],
+    }
+    table = {name: describe(values) for name, values in rows.items()}
+    results["table"] = table
+    command = results["command"]
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"<!-- regenerate: {command} -->", f"Command: `{command}`", "",
+             f"Each seed runs `distill pipeline {results['recipe']} --seed_everything S` (both steps). Hardware: "
+             f"{results['hardware']}.", "",
+             "| figure | mean +- std | min - max | seeds |", "| --- | --- | --- | --- |"]
+    for name, d in table.items():
+        scale = 1 if "seconds" in name else 100
+        lines.append(f"| {name} | {scale * d['mean']:.2f} +- {scale * d['std']:.2f} | "
+                     f"{scale * d['min']:.2f} - {scale * d['max']:.2f} | {d['n']} |")
+    lines += ["", "Accuracies in %, on the 360 held-out digits; the best checkpoint is chosen on those same images "
+              "(as the pipeline does), the last epoch is not chosen at all. Every seed's summary is in results.json."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,36 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / "runs" / f"seed{seed}"
         # the command as a user types it, in its own process: the wall time includes start-up and imports
         cmd = [sys.executable, "-m", "distill.cli", "pipeline", args.recipe, "--out", str(run_dir), *overrides,
-                   "--seed_everything", str(seed)]
+               "--seed_everything", str(seed)]
         start = time.perf_counter()
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - start
         summary = json.loads((run_dir / "summary.json").read_text())
         runs.append(dict(seed=seed, wall_seconds=round(wall, 1), summary=summary,
                          student_last_epoch=last_epoch_acc(run_dir / "student")))
-    rows = {
-        "teacher val/acc (best checkpoint)": [r["summary"]["teacher"]["val/acc"] for r in runs],
-        "student val/acc, fused (best checkpoint: what the summary prints)": [r["summary"]["student"]["val/acc"] for r in runs],
-        "student class head (best checkpoint)": [r["summary"]["student"]["val/acc_cls"] for r in runs],
-        "student distillation head (best checkpoint)": [r["summary"]["student"]["val/acc_dist"] for r in runs],
-        "student val/acc, fused (last epoch)": [r["student_last_epoch"] for r in runs],
-        "whole command, wall seconds": [r["wall_seconds"] for r in runs],
-    }
-    table = {name: describe(values) for name, values in rows.items()}
     command = "python tools/pipeline_seeds.py " + shlex.join(argv)
-    results = dict(command=command, hardware=hardware(), recipe=str(args.recipe), runs=runs, table=table)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"<!-- regenerate: {command} -->", f"Command: `{command}`", "",
-             f"Each seed runs `distill pipeline {args.recipe} --seed_everything S` (both steps). Hardware: "
-             f"{results['hardware']}.", "",
-             "| figure | mean +- std | min - max | seeds |", "| --- | --- | --- | --- |"]
-    for name, d in table.items():
-        scale = 1 if "seconds" in name else 100
-        lines.append(f"| {name} | {scale * d['mean']:.2f} +- {scale * d['std']:.2f} | "
-                     f"{scale * d['min']:.2f} - {scale * d['max']:.2f} | {d['n']} |")
-    lines += ["", "Accuracies in %, on the 360 held-out digits; the best checkpoint is chosen on those same images "
-              "(as the pipeline does), the last epoch is not chosen at all. Every seed's summary is in results.json."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_report(out, dict(command=command, hardware=hardware(), recipe=str(args.recipe), runs=runs))
     print((out / "results.md").read_text())
     return 0
 
