@@ -14,14 +14,13 @@ import argparse
 import csv
 import json
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py
-from reproduce import hardware  # noqa: E402
+from reproduce import hardware, mean_std  # noqa: E402
 
 
 def last_epoch_acc(run_dir: Path) -> float | None:
@@ -32,8 +31,8 @@ def last_epoch_acc(run_dir: Path) -> float | None:
 
 
 def describe(values: list[float]) -> dict:
-    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
-                min=min(values), max=max(values), n=len(values))
+    mean, std = mean_std(values)
+    return dict(mean=mean, std=std, min=min(values), max=max(values), n=len(values))
 
 
 def write_report(out: Path, results: dict) -> None:
