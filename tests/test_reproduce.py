@@ -123,3 +123,75 @@ def test_pipeline_seeds_last_epoch_leaves_out_the_revalidation_of_the_chosen_che
         "epoch,step,train/loss,val/acc\n0,9,1.0,\n0,10,,0.5\n1,21,,0.6\n"
         "2,22,,0.7\n")  # the last row: run_step validating the best checkpoint after training
     assert tool.last_epoch_acc(tmp_path) == 0.6
+
+
+def fake_study(tmp_path, monkeypatch, trained: list):
+    """run_study with a stand-in for training (each run returns at once), to test how workers share a study."""
+    def run_step(config, args, root, score):
+        root.mkdir(parents=True, exist_ok=True)
+        name = root.name
+        trained.append(name)
+        return str(root / "last.ckpt"), {"val/acc": 0.5, "val/acc_cls": 0.5, "val/acc_dist": 0.5}, 1.0
+
+    monkeypatch.setattr(reproduce, "run_step", run_step)
+    (tmp_path / "study").mkdir()
+    teacher = tmp_path / "teacher.ckpt"
+    teacher.write_bytes(b"x")
+    return {"teacher": {"checkpoint": str(teacher), "val/acc": 0.9, "seconds": 5.0}, "runs": [], "seconds": 5.0}
+
+
+def test_workers_sharing_a_study_skip_each_others_runs(tmp_path, monkeypatch):
+    trained = []
+    previous = fake_study(tmp_path, monkeypatch, trained)
+    runs = tmp_path / "study" / "runs"
+    runs.mkdir()
+    # another live process (this one's pid stands in for it) holds none-seed0; its folder must survive
+    (runs / "none-seed0.running").write_text(str(os.getpid()))
+    (runs / "none-seed0").mkdir()
+    # a run saved by another worker meanwhile
+    other = [{"variant": "none", "seed": 1, "checkpoint": "x", "seconds": 1.0, "metrics": {"val/acc": 0.4}}]
+    results = reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 3, runs, [], "cmd", previous=previous,
+                                  finished=lambda: other)
+    assert trained == ["none-seed2"] and (runs / "none-seed0").is_dir()
+    assert [(r["variant"], r["seed"]) for r in results["runs"]] == [("none", 2)]
+    assert not (runs / "none-seed2.running").exists()  # released after the run
+
+
+def test_a_claim_whose_process_died_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim = tmp_path / "token-seed0.running"
+    claim.write_text(dead.stdout.strip())
+    assert reproduce.claim_run(claim) and claim.read_text() == str(os.getpid())
+    assert not reproduce.claim_run(claim)  # now held by a live process
+
+
+def test_two_workers_saving_keep_each_others_runs_and_add_their_time(tmp_path, monkeypatch):
+    """Worker 2 starts and finishes while worker 1 is inside its run: both runs end up in results.json, each
+    run once, and the study's time is the sum of both workers' time."""
+    trained = []
+    previous = fake_study(tmp_path, monkeypatch, trained)
+    out = tmp_path / "study"
+    (out / "results.json").write_text(json.dumps({**previous, "command": "c", "hardware": "h", "score": "best"}))
+    args = [str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "1", "--variants", "none", "token"]
+    ticks = iter(range(0, 10_000, 10))  # every perf_counter() call is 10 s later
+    monkeypatch.setattr(reproduce.time, "perf_counter", lambda: float(next(ticks)))
+    fake = reproduce.run_step
+
+    def run_step(config, step_args, root, score):
+        if root.name == "none-seed0":  # worker 1's first run: worker 2 comes and goes meanwhile
+            assert reproduce.main(args) == 0
+        return fake(config, step_args, root, score)
+
+    monkeypatch.setattr(reproduce, "run_step", run_step)
+    assert reproduce.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(trained) == ["none-seed0", "token-seed0"]  # each run once
+    assert sorted((r["variant"], r["seed"]) for r in results["runs"]) == [("none", 0), ("token", 0)]
+    assert {row["variant"]: row["n"] for row in results["table"]} == {"none": 1, "token": 1}
+    # clock: worker 1 starts at 0; worker 2 starts at 10 and saves at 20 and 30; worker 1 saves at 40 and 50.
+    # The study: 5 s from before + 50 s of worker 1 + 20 s of worker 2 (overlapping, as two processes would)
+    assert results["seconds"] == pytest.approx(5.0 + 50 + 20)
+    assert "summed over the processes" in (out / "results.md").read_text()

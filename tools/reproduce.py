@@ -21,13 +21,17 @@ Trains the teacher once, then the same student under each variant over N seeds:
 writes OUT/results.json (every run), OUT/results.md (mean +- std per variant, teacher accuracy, hardware,
 wall time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
 in OUT/results.json (and the teacher, while its checkpoint exists) are kept, so a study can span
-sessions. Extra `--section.key VALUE` overrides go to both steps (`--teacher.` / `--student.` for one),
+sessions. Several processes can share a study: the same command started twice (say one process per core,
+`OMP_NUM_THREADS=1`) makes two workers. Each claims the next run no other one holds (RUN.running keeps its
+pid) and saves its runs into the shared results.json under a lock. Extra `--section.key VALUE` overrides go to both steps (`--teacher.` / `--student.` for one),
 as in `distill pipeline`.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -117,9 +121,10 @@ def table(runs: list[dict], variants: list[str]) -> list[dict]:
 
 
 def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides: list[str], command: str,
-              save=None, previous: dict | None = None, score: str = "best") -> dict:
+              save=None, previous: dict | None = None, score: str = "best", finished=None) -> dict:
     """Runs what `previous` (an earlier results.json of the same study) does not hold yet; `save(results)`
-    is called after the teacher and after every student run, so an interrupted study loses one run."""
+    is called after the teacher and after every student run, so an interrupted study loses one run.
+    `finished()`, when given, returns the runs saved by other processes sharing the study; they are skipped."""
     recipe_dir = resolve_recipe(recipe)
     steps = split_overrides(overrides)
     previous = previous or {}
@@ -139,30 +144,80 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
 
     teacher = results["teacher"]
     if not teacher or not Path(teacher.get("checkpoint") or "").is_file():
-        ckpt, metrics, seconds = run_step(recipe_dir / "teacher.yaml", steps["teacher"], out / "teacher", score)
+        claim = out / "teacher.running"
+        if not claim_run(claim):
+            raise RuntimeError(f"process {claim.read_text().strip()} is training this study's teacher; start this "
+                               f"worker again once it has finished")
+        try:
+            ckpt, metrics, seconds = run_step(recipe_dir / "teacher.yaml", steps["teacher"], out / "teacher", score)
+        finally:
+            claim.unlink(missing_ok=True)
         results["teacher"] = {"checkpoint": ckpt, "val/acc": metrics.get("val/acc"), "seconds": round(seconds, 1),
                               "metrics": metrics}
         results["runs"] = []  # students of another teacher do not belong to this study
         checkpoint()
     teacher_ckpt = results["teacher"]["checkpoint"]
-    done = {(r["variant"], r["seed"]) for r in results["runs"]}
     for variant in variants:
         extra = guidance_args(recipe_dir) if variant in GUIDED else []
         for seed in range(seeds):
+            done = {(r["variant"], r["seed"]) for r in [*results["runs"], *(finished() if finished else [])]}
             if (variant, seed) in done:
                 continue
             root = out / f"{variant}-seed{seed}"
-            if root.exists():  # an interrupted run's folder: its checkpoints would be mistaken for this run's
-                print(f"removing {root}: a run that did not finish", file=sys.stderr)
-                shutil.rmtree(root)
-            args = [*extra, *steps["student"], *VARIANTS[variant], "--seed_everything", str(seed),
-                    "--model.init_args.teacher", teacher_ckpt]
-            ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, root, score)
-            results["runs"].append({"variant": variant, "seed": seed, "checkpoint": ckpt, "seconds": round(seconds, 1),
-                                    "metrics": metrics})
-            checkpoint()
+            claim = root.with_name(root.name + ".running")
+            if not claim_run(claim):
+                print(f"skipping {root.name}: process {claim.read_text().strip()} is running it", file=sys.stderr)
+                continue
+            try:
+                if root.exists():  # an interrupted run's folder: its checkpoints would be mistaken for this run's
+                    print(f"removing {root}: a run that did not finish", file=sys.stderr)
+                    shutil.rmtree(root)
+                args = [*extra, *steps["student"], *VARIANTS[variant], "--seed_everything", str(seed),
+                        "--model.init_args.teacher", teacher_ckpt]
+                ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, root, score)
+                results["runs"].append({"variant": variant, "seed": seed, "checkpoint": ckpt,
+                                        "seconds": round(seconds, 1), "metrics": metrics})
+                checkpoint()
+            finally:
+                claim.unlink(missing_ok=True)
     checkpoint()
     return results
+
+
+def claim_run(claim: Path) -> bool:
+    """Marks a run as taken by this process (CLAIM holds its pid), so that two processes sharing a study
+    (say, one per core, each given other variants) never run, or delete, the same run. A claim whose
+    process has died is taken over."""
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(claim.read_text().strip() or 0), 0)
+                return False  # alive
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                claim.unlink(missing_ok=True)  # its process died: take the run over
+                continue
+            except PermissionError:
+                return False  # alive, another user's
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def merge(on_disk: dict | None, results: dict, seconds_since_last_save: float) -> dict:
+    """What results.json holds after this process saves: its own runs added to those other processes
+    sharing the study saved meanwhile, and its time added to theirs. A study whose teacher was retrained
+    starts over (its earlier students do not belong to the new teacher)."""
+    if not on_disk or (on_disk.get("teacher") or {}).get("checkpoint") != (results.get("teacher") or {}).get("checkpoint"):
+        return results
+    keys = {(r["variant"], r["seed"]) for r in on_disk["runs"]}
+    runs = [*on_disk["runs"], *(r for r in results["runs"] if (r["variant"], r["seed"]) not in keys)]
+    return {**results, "runs": runs,
+            "seconds": round(float(on_disk.get("seconds") or 0.0) + seconds_since_last_save, 1),
+            "table": table(runs, list(VARIANTS))}
 
 
 def write_markdown(results: dict, path: Path) -> None:
@@ -170,7 +225,8 @@ def write_markdown(results: dict, path: Path) -> None:
         f"<!-- regenerate: {results['command']} -->",
         f"Command: `{results['command']}`",
         "",
-        f"Hardware: {results['hardware']}; wall time {results['seconds'] / 60:.1f} min for the whole study "
+        f"Hardware: {results['hardware']}; run time {results['seconds'] / 60:.1f} min for the whole study, summed "
+        f"over the processes that shared it "
         f"(teacher {results['teacher']['seconds']:.0f} s). Teacher val accuracy: {results['teacher']['val/acc']:.4f}.",
         "",
         "| variant | val top-1 (mean +- std) | seeds |",
@@ -219,16 +275,28 @@ def main(argv: list[str] | None = None) -> int:
     if previous and previous.get("command") != command:
         print(f"resuming {path} (written by: {previous.get('command')})", file=sys.stderr)
 
+    saved = {"seconds": float((previous or {}).get("seconds") or 0.0)}
+
     def save(results: dict) -> None:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(path)
-        if results["table"]:
-            write_markdown(results, out / "results.md")
-            write_plot(results, out / "results.png")
+        # Under a lock and merged with what is on disk: several processes may share one study (one per core,
+        # each given other --variants), and each saves its own runs without losing the others'.
+        with open(out / "results.json.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(path.read_text()) if path.is_file() else None
+            merged = merge(on_disk, results, results["seconds"] - saved["seconds"])
+            saved["seconds"] = results["seconds"]
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(merged, indent=2) + "\n")
+            tmp.replace(path)
+            if merged["table"]:
+                write_markdown(merged, out / "results.md")
+                write_plot(merged, out / "results.png")
+
+    def finished() -> list[dict]:
+        return json.loads(path.read_text())["runs"] if path.is_file() else []
 
     run_study(args.recipe, args.variants, args.seeds, out / "runs", overrides, command, save=save, previous=previous,
-              score=args.score)
+              score=args.score, finished=finished)
     print((out / "results.md").read_text())
     return 0
 
