@@ -80,6 +80,18 @@ def test_epoch_column_preferred_and_out_option(plot_run, tmp_path):
     assert_png(out, (round(plot_run.ROW_W * 40), round(plot_run.ROW_H * 40)))
 
 
+def test_the_pipelines_revalidation_of_the_chosen_checkpoint_is_not_an_epoch(plot_run, tmp_path):
+    """After training, the pipeline validates the best checkpoint again; Lightning logs it with the next
+    epoch number (as in a real pipeline's metrics.csv: epoch 100 after 0-99)."""
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,train/loss,val/acc\n0,4,2.0,\n0,4,,0.5\n1,9,1.0,\n1,9,,0.75\n2,10,,0.6\n")
+    curves = plot_run.read_curves(log)
+    assert curves["val/acc"] == ([0, 1], [0.5, 0.75]) and curves["train/loss"] == ([0, 1], [2.0, 1.0])
+    only_validation = tmp_path / "validate.csv"
+    only_validation.write_text("epoch,step,val/acc\n0,0,0.5\n")
+    assert plot_run.read_curves(only_validation)["val/acc"] == ([0], [0.5])
+
+
 @pytest.mark.parametrize("case", ["missing", "no_csv", "unknown_columns"])
 def test_errors(plot_run, tmp_path, capsys, case):
     run = tmp_path / "run"

@@ -60,6 +60,12 @@ def read_curves(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     if not rows:
         return {}
     columns = rows[0].keys()
+    # The pipeline validates the chosen checkpoint once more after training; Lightning logs that with the
+    # epoch after the last one trained. It is not an epoch of the curves: validation rows past the last
+    # training epoch are left out (a validation-only log keeps them all).
+    trained = [int(float(r["epoch"])) for r in rows if r.get("epoch") not in (None, "")
+               and any(r.get(c) not in (None, "") for c in columns if c.startswith("train/"))]
+    last_trained = max(trained) if trained else math.inf
     curves = {}
     for key in LOSS_KEYS + ACC_KEYS:
         col = next((c for c in (f"{key}_epoch", key, f"{key}_step") if c in columns), None)
@@ -68,7 +74,7 @@ def read_curves(path: Path) -> dict[str, tuple[list[int], list[float]]]:
         per_epoch: dict[int, list[float]] = defaultdict(list)
         for row in rows:
             value, epoch = row.get(col), row.get("epoch")
-            if value in (None, "") or epoch in (None, ""):
+            if value in (None, "") or epoch in (None, "") or int(float(epoch)) > last_trained:
                 continue
             v = float(value)
             if math.isfinite(v):
