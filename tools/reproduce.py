@@ -19,12 +19,12 @@ Trains the teacher once, then the same student under each variant over N seeds:
     python tools/reproduce.py recipes/digits --seeds 3 --out results/digits
 
 writes OUT/results.json (every run), OUT/results.md (mean +- std per variant, teacher accuracy, hardware,
-wall time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
+run time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
 in OUT/results.json (and the teacher, while its checkpoint exists) are kept, so a study can span
 sessions. Several processes can share a study: the same command started twice (say one process per core,
 `OMP_NUM_THREADS=1`) makes two workers. Each claims the next run no other one holds (RUN.running keeps its
-pid) and saves its runs into the shared results.json under a lock. Extra `--section.key VALUE` overrides go to both steps (`--teacher.` / `--student.` for one),
-as in `distill pipeline`.
+pid) and saves its runs into the shared results.json under a lock. Extra `--section.key VALUE` overrides
+go to both steps (`--teacher.` / `--student.` for one), as in `distill pipeline`.
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
 
 def claim_run(claim: Path) -> bool:
     """Marks a run as taken by this process (CLAIM holds its pid), so that two processes sharing a study
-    (say, one per core, each given other variants) never run, or delete, the same run. A claim whose
+    (the same command started once per core) never run, or delete, the same run. A claim whose
     process has died is taken over."""
     claim.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
@@ -211,7 +211,8 @@ def merge(on_disk: dict | None, results: dict, seconds_since_last_save: float) -
     """What results.json holds after this process saves: its own runs added to those other processes
     sharing the study saved meanwhile, and its time added to theirs. A study whose teacher was retrained
     starts over (its earlier students do not belong to the new teacher)."""
-    if not on_disk or (on_disk.get("teacher") or {}).get("checkpoint") != (results.get("teacher") or {}).get("checkpoint"):
+    teacher = lambda r: (r.get("teacher") or {}).get("checkpoint")  # noqa: E731
+    if not on_disk or teacher(on_disk) != teacher(results):
         return results
     keys = {(r["variant"], r["seed"]) for r in on_disk["runs"]}
     runs = [*on_disk["runs"], *(r for r in results["runs"] if (r["variant"], r["seed"]) not in keys)]
@@ -278,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     saved = {"seconds": float((previous or {}).get("seconds") or 0.0)}
 
     def save(results: dict) -> None:
-        # Under a lock and merged with what is on disk: several processes may share one study (one per core,
-        # each given other --variants), and each saves its own runs without losing the others'.
+        # Under a lock and merged with what is on disk: several processes may share one study (the same
+        # command started once per core), and each saves its own runs without losing the others'.
         with open(out / "results.json.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             on_disk = json.loads(path.read_text()) if path.is_file() else None
