@@ -120,7 +120,7 @@ def test_pipeline_seeds_reports_the_range_over_seeds(tmp_path):
 def test_pipeline_seeds_last_epoch_leaves_out_the_revalidation_of_the_chosen_checkpoint(tmp_path):
     tool = load_tool("pipeline_seeds")
     (tmp_path / "metrics.csv").write_text(
-        "epoch,step,train/loss,val/acc\n0,9,1.0,\n0,10,,0.5\n1,21,,0.6\n"
+        "epoch,step,train/loss,val/acc\n0,9,1.0,\n0,10,,0.5\n1,20,0.9,\n1,21,,0.6\n"
         "2,22,,0.7\n")  # the last row: run_step validating the best checkpoint after training
     assert tool.last_epoch_acc(tmp_path) == 0.6
 

@@ -11,7 +11,6 @@ to both steps, as in `distill pipeline`.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shlex
 import subprocess
@@ -19,15 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py, tools/plot_run.py
+from plot_run import read_curves  # noqa: E402
 from reproduce import hardware, mean_std  # noqa: E402
 
 
 def last_epoch_acc(run_dir: Path) -> float | None:
-    """val/acc of the last epoch's validation in a step's metrics.csv (no checkpoint chosen). The pipeline
-    validates the chosen checkpoint once more after training: that row, the file's last, is left out."""
-    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("val/acc")]
-    return float(rows[-2]["val/acc"]) if len(rows) > 1 else None
+    """val/acc of the last epoch's validation in a step's metrics.csv (no checkpoint chosen). The pipeline's
+    re-validation of the chosen checkpoint after training is not an epoch: read_curves leaves it out."""
+    _, values = read_curves(run_dir / "metrics.csv").get("val/acc", ([], []))
+    return values[-1] if values else None
 
 
 def describe(values: list[float]) -> dict:
