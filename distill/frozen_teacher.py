@@ -19,13 +19,41 @@ from torch import nn
 from .models import STUDENT_KIND, build_teacher, load_weights_file, model_meta, sha256_of
 
 
-class TeacherInput(nn.Module):
-    """Turns a batch normalised for the student into what the teacher expects: other channels, other
-    mean/std, other input size. The identity when both agree."""
+# PIL's `convert("L")` (ITU-R 601-2 luma), what a grayscale teacher was trained on from colour files
+LUMA = (0.299, 0.587, 0.114)
+# torch's resampling with PIL's kernels (antialiased modes: bicubic with a = -0.5 as PIL, bilinear as PIL's
+# triangle filter); PIL's box/hamming/lanczos have no torch twin, the nearest kernel stands in for them.
+TORCH_MODES = {"nearest": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic", "box": "bilinear",
+               "hamming": "bilinear", "lanczos": "bicubic"}
 
-    def __init__(self, src_mean, src_std, dst_mean, dst_std, src_chans: int, dst_chans: int, dst_size: int | None):
+
+class TeacherInput(nn.Module):
+    """Turns a batch normalised for the student into what the teacher was trained on: other channels,
+    other mean/std, other input size. The identity when both agree.
+
+    Step 1 reads its images with PIL: colour files converted with `convert("L")` for a grayscale
+    teacher (0.299 R + 0.587 G + 0.114 B) or replicated for a colour one, resized by PIL with the
+    recorded `interpolation` (`data.interpolation` of step 1) and stored as uint8 levels. The batch goes
+    the same way here:
+
+    - upsampling (a teacher trained at a larger size than the student's, e.g. an ImageNet CNN at 96 px
+      on 32 px CIFAR images): the teacher's interpolation with PIL's kernels (torch's antialiased modes),
+      width then height, each pass rounded to uint8 levels as PIL's is, so a student batch of the
+      original images gives the teacher its step-1 evaluation input to within one uint8 level (PIL's
+      fixed-point arithmetic);
+    - downsampling (a teacher smaller than the student, e.g. a CIFAR CNN at 32 px for a student fed
+      images upsampled to 224): plain interpolation without antialiasing, which inverts an integer-factor
+      upsampling exactly, so the teacher gets back the images it was trained on (as locality guidance's
+      reference code does). An antialiased resize would blur them instead.
+    """
+
+    def __init__(self, src_mean, src_std, dst_mean, dst_std, src_chans: int, dst_chans: int, dst_size: int | None,
+                 interpolation: str = "bilinear"):
         super().__init__()
-        self.dst_chans, self.dst_size = dst_chans, dst_size
+        if interpolation not in TORCH_MODES:
+            raise ValueError(f"teacher input interpolation {interpolation!r} is unknown; use one of {', '.join(TORCH_MODES)}")
+        self.dst_chans, self.dst_size, self.interpolation = dst_chans, dst_size, interpolation
+        self.src_chans = src_chans
         self.channels_differ = src_chans != dst_chans
         self.renormalise = self.channels_differ or tuple(src_mean) != tuple(dst_mean) or tuple(src_std) != tuple(dst_std)
         view = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
@@ -33,16 +61,37 @@ class TeacherInput(nn.Module):
         self.register_buffer("src_std", view(src_std), persistent=False)
         self.register_buffer("dst_mean", view(dst_mean), persistent=False)
         self.register_buffer("dst_std", view(dst_std), persistent=False)
+        self.register_buffer("luma", view(LUMA), persistent=False)
+
+    def describe(self) -> str:
+        """How the input is resized (for the teacher cache's manifest: other resizing, other logits)."""
+        return f"{self.interpolation}: up with PIL kernels to uint8 levels, down plain; gray by luma {LUMA}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.renormalise:
-            x = x * self.src_std.to(x.dtype) + self.src_mean.to(x.dtype)
-            if self.channels_differ:  # grayscale <-> RGB
-                x = x.mean(1, keepdim=True).expand(-1, self.dst_chans, -1, -1) if self.dst_chans != 1 else x.mean(1, keepdim=True)
-            x = (x - self.dst_mean.to(x.dtype)) / self.dst_std.to(x.dtype)
-        if self.dst_size and x.shape[-1] != self.dst_size:
-            x = F.interpolate(x, size=(self.dst_size, self.dst_size), mode="bilinear", align_corners=False, antialias=True)
-        return x
+        size = (self.dst_size, self.dst_size) if self.dst_size else tuple(x.shape[-2:])
+        up = x.shape[-2] < size[0] or x.shape[-1] < size[1]
+        down = not up and tuple(x.shape[-2:]) != size
+        if not (self.renormalise or up):
+            return self._resize(x, size, antialias=False) if down else x  # linear: commutes with normalisation
+        x = x * self.src_std.to(x.dtype) + self.src_mean.to(x.dtype)  # pixel values in [0, 1]
+        if self.channels_differ:
+            if self.dst_chans == 1:
+                luma = self.luma.to(x.dtype) if x.shape[1] == 3 else torch.full_like(self.luma[:, :1], 1 / x.shape[1])
+                x = (x * luma[:, : x.shape[1]]).sum(1, keepdim=True)
+            else:
+                x = x.mean(1, keepdim=True).expand(-1, self.dst_chans, -1, -1)  # gray replicated, as convert("RGB")
+        if up:  # as PIL: the width pass, then the height pass, each stored as uint8 levels
+            x = self._resize(x, (x.shape[-2], size[1]), antialias=True).mul(255).round().clamp(0, 255)
+            x = self._resize(x, size, antialias=True).round().clamp(0, 255) / 255
+        elif down:
+            x = self._resize(x, size, antialias=False)
+        return (x - self.dst_mean.to(x.dtype)) / self.dst_std.to(x.dtype)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+        mode = TORCH_MODES[self.interpolation]
+        if mode == "nearest-exact":
+            return F.interpolate(x, size=size, mode=mode)
+        return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
 
 
 class TeacherOutputs:
@@ -149,9 +198,12 @@ class FrozenTeacher(TeacherOutputs, nn.Module):
                              f"name from the data's {list(class_names)[:4]}...; use a teacher trained on this data")
 
     def adapt_to(self, mean: Sequence[float], std: Sequence[float], in_chans: int) -> None:
-        """Feed the teacher from batches normalised with the data's `mean`/`std` and `in_chans`."""
+        """Feed the teacher from batches normalised with the data's `mean`/`std` and `in_chans`, resized
+        with the interpolation its step-1 data was (`TeacherInput`; recorded in its checkpoint)."""
         meta = self.meta
-        self.input = TeacherInput(mean, std, meta["mean"], meta["std"], in_chans, meta["in_chans"], meta["img_size"])
+        recorded = getattr(self.network, "distill_eval", None) or {}
+        self.input = TeacherInput(mean, std, meta["mean"], meta["std"], in_chans, meta["in_chans"], meta["img_size"],
+                                  recorded.get("interpolation") or "bilinear")
 
     # ------------------------------------------------------------------------ running it
     def train(self, mode: bool = True) -> "FrozenTeacher":

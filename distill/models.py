@@ -172,6 +172,8 @@ def build_teacher(
     img_size: int | None = None,
     pretrained: bool | str | os.PathLike | None = None,
     pretrained_field: str = "pretrained",
+    pretrained_remap: Sequence[Sequence[str]] | None = None,
+    pretrained_match: str = "name",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm CNN (resnet18/50, regnety_*, cifar_resnet18, ...) with its metadata attached.
@@ -185,7 +187,9 @@ def build_teacher(
     format, a step-1 or step-2 checkpoint). The classifier is new when the class count (or the
     recorded class names) differ, the first convolution is adapted to `in_chans`; architecture
     arguments a toolkit file records (e.g. base_width) fill those not given. `pretrained_field` names
-    the setting in error messages.
+    the setting in error messages. A file from another library whose tensor names are not timm's:
+    `pretrained_remap` (ordered `(regex, replacement)` rules) and/or `pretrained_match="order"` (pair
+    the tensors in file order; every shape must line up), see `distill.pretrained`.
     """
     state_dict, hp = None, {}
     if checkpoint is not None:
@@ -225,7 +229,8 @@ def build_teacher(
         from .pretrained import create_pretrained
 
         model = create_pretrained(name, weights, num_classes=num_classes, in_chans=in_chans, class_names=class_names,
-                                  field_name=pretrained_field, **timm_kwargs)
+                                  field_name=pretrained_field, remap=pretrained_remap, match=pretrained_match,
+                                  **timm_kwargs)
     else:
         model = _create(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     if state_dict is not None:
@@ -249,6 +254,9 @@ def build_teacher(
     )
     model.pretrained_cfg["architecture"] = name
     model.distill_spec = dict(name=name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    # How a step-1 checkpoint's images were prepared (TeacherModule.setup records it; None in older ones:
+    # the legacy resize): predict/export rebuild its eval transform, step 2 its input resize from it.
+    model.distill_eval = dict(crop_pct=hp.get("input_crop_pct"), interpolation=hp.get("input_interpolation"))
     return model
 
 
@@ -266,6 +274,8 @@ def build_student(
     pretrained: bool | str | os.PathLike | None = None,
     class_names: Sequence[str] | None = None,
     pretrained_field: str = "pretrained",
+    pretrained_remap: Sequence[Sequence[str]] | None = None,
+    pretrained_match: str = "name",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm Vision Transformer student.
@@ -281,7 +291,7 @@ def build_student(
     the patch embedding to `in_chans`, both heads are new when the class count (or, given
     `class_names`, the recorded class names) differ; the distillation token is kept, or new for
     plain ViT weights. Sizes a toolkit file records fill `embed_dim`/`depth`/`num_heads`/`patch_size`
-    left as None.
+    left as None. `pretrained_remap` / `pretrained_match`: as for `build_teacher`.
     """
     if distilled and "distilled" not in name:
         raise ValueError(
@@ -300,7 +310,8 @@ def build_student(
 
         model = create_pretrained(
             arch, weights, num_classes=num_classes, in_chans=in_chans, class_names=class_names, distilled=distilled,
-            field_name=pretrained_field, img_size=img_size, drop_path_rate=drop_path_rate, **kwargs, **timm_kwargs,
+            field_name=pretrained_field, remap=pretrained_remap, match=pretrained_match, img_size=img_size,
+            drop_path_rate=drop_path_rate, **kwargs, **timm_kwargs,
         )
     else:
         model = _create(

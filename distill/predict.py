@@ -154,9 +154,7 @@ def load_teacher(path: str | Path, arch: str | None = None) -> nn.Module:
         model = build_teacher(name, checkpoint=obj).eval()  # the loaded dict: the file is read once
     except ValueError as e:
         raise UsageError(str(e).replace("<in-memory checkpoint>", str(path))) from None
-    # the eval transform its validation used (TeacherModule.setup records it; older ones: the legacy resize)
-    model.distill_eval = dict(crop_pct=hp.get("input_crop_pct"), interpolation=hp.get("input_interpolation"))
-    return model
+    return model  # with `distill_eval`: the eval transform its validation used (build_teacher reads it)
 
 
 def predict(

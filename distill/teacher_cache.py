@@ -205,14 +205,24 @@ class TeacherCache:
 
     # ------------------------------------------------------------------ validation
     def check_compatible(self, expected: dict[str, Any]) -> None:
-        """Refuses (ValueError, one line) a cache built for another teacher, data or transform.
-        `expected` holds the manifest fields of the live set-up that are known (others are skipped)."""
+        """Refuses (ValueError, one line) a cache built for another teacher, data or transform, or one
+        that stores less of the teacher's output than the loss reads. `expected` holds the manifest
+        fields of the live set-up that are known (absent ones are skipped).
+
+        `topk` is what the loss needs: None (every logit: soft, DKD, DIST, standardised KL) is served
+        only by a cache of every logit, since top-k logits rebuilt with a uniform tail are another
+        distribution; a number (hard distillation reads the argmax) is served by any cache."""
         m = self.manifest
+        if "topk" in expected and expected["topk"] is None and m.get("topk"):
+            raise ValueError(
+                f"teacher cache {str(self.dir)!r} holds only the top {m['topk']} of {m.get('num_classes')} logits (built "
+                f"for hard distillation), and this loss reads the whole distribution; point model.teacher_cache.dir "
+                f"elsewhere (e.g. {{teacher_dir}}/cache-full) or delete the directory to rebuild it with every logit")
         groups = [
             ("teacher", ("teacher",)),
             ("data", ("data",)),
             ("transforms", ("transform", "seed")),
-            ("storage", ("topk", "dtype")),
+            ("storage", ("dtype",)),
         ]
         for what, keys in groups:
             for key in keys:
@@ -391,14 +401,15 @@ def has_cache(directory: str | Path) -> bool:
 # ------------------------------------------------------------------------------ FrozenTeacher glue
 def teacher_fields(identity: dict[str, Any], teacher_input: nn.Module) -> dict[str, Any]:
     """The manifest's `teacher` entry: weights sha256, architecture, classes and the input it expects
-    (`TeacherInput`'s mean/std and size; the data's own normalisation is part of the transform)."""
+    (`TeacherInput`'s mean/std, size and resizing; the data's own normalisation is part of the transform)."""
     def values(name: str):
         t = getattr(teacher_input, name, None)
         return [round(float(v), 6) for v in t.flatten()] if torch.is_tensor(t) else None
 
     return dict(weights_sha256=identity.get("weights_sha256"), architecture=identity.get("architecture"),
                 num_classes=identity.get("num_classes"),
-                input=dict(mean=values("dst_mean"), std=values("dst_std"), size=getattr(teacher_input, "dst_size", None)))
+                input=dict(mean=values("dst_mean"), std=values("dst_std"), size=getattr(teacher_input, "dst_size", None),
+                           resize=teacher_input.describe() if hasattr(teacher_input, "describe") else None))
 
 
 def cache_manifest(teacher, cfg: TeacherCacheConfig, trainer=None, dm=None) -> dict[str, Any]:

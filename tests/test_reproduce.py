@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -140,20 +141,37 @@ def fake_study(tmp_path, monkeypatch, trained: list):
     return {"teacher": {"checkpoint": str(teacher), "val/acc": 0.9, "seconds": 5.0}, "runs": [], "seconds": 5.0}
 
 
+def live_process():
+    """Another live process (a sleeping child) and a claim in its name, as `claim_run` writes it."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    claim = {"pid": child.pid, "start": reproduce._start_time(child.pid), "boot": reproduce._boot_id()}
+    return child, json.dumps(claim)
+
+
 def test_workers_sharing_a_study_skip_each_others_runs(tmp_path, monkeypatch):
     trained = []
     previous = fake_study(tmp_path, monkeypatch, trained)
     runs = tmp_path / "study" / "runs"
     runs.mkdir()
-    # another live process (this one's pid stands in for it) holds none-seed0; its folder must survive
-    (runs / "none-seed0.running").write_text(str(os.getpid()))
-    (runs / "none-seed0").mkdir()
-    # a run saved by another worker meanwhile
-    other = [{"variant": "none", "seed": 1, "checkpoint": "x", "seconds": 1.0, "metrics": {"val/acc": 0.4}}]
-    results = reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 3, runs, [], "cmd", previous=previous,
-                                  finished=lambda: other)
+    child, claim = live_process()
+    try:
+        # another live process holds none-seed0; its folder must survive
+        (runs / "none-seed0.running").write_text(claim)
+        (runs / "none-seed0").mkdir()
+        # a run saved by another worker meanwhile (of this teacher)
+        sha = reproduce.sha256_of(previous["teacher"]["checkpoint"])
+        other = [{"variant": "none", "seed": 1, "checkpoint": "x", "seconds": 1.0, "metrics": {"val/acc": 0.4},
+                  "teacher_sha256": sha}]
+        results = reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 3, runs, [], "cmd", previous=previous,
+                                      finished=lambda: other)
+    finally:
+        child.kill()
     assert trained == ["none-seed2"] and (runs / "none-seed0").is_dir()
     assert [(r["variant"], r["seed"]) for r in results["runs"]] == [("none", 2)]
+    assert results["held"] and results["held"][0].startswith("none-seed0 ")
     assert not (runs / "none-seed2.running").exists()  # released after the run
 
 
@@ -164,8 +182,157 @@ def test_a_claim_whose_process_died_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     claim = tmp_path / "token-seed0.running"
     claim.write_text(dead.stdout.strip())
-    assert reproduce.claim_run(claim) and claim.read_text() == str(os.getpid())
-    assert not reproduce.claim_run(claim)  # now held by a live process
+    assert reproduce.claim_run(claim) and reproduce.claim_owner(claim) == str(os.getpid())
+    child, other = live_process()
+    try:
+        claim.write_text(other)
+        assert not reproduce.claim_run(claim)  # held by a live process
+    finally:
+        child.kill()
+        child.wait()
+    assert reproduce.claim_run(claim)  # ... until it dies
+
+
+def test_a_claim_in_this_process_name_from_an_earlier_process_is_taken_over(tmp_path):
+    """After a restart a new worker may get the pid that wrote a claim: a claim naming this very pid but
+    another boot (or another start time, or the old plain-pid form) is stale, not "alive"."""
+    claim = tmp_path / "none-seed0.running"
+    me = {"pid": os.getpid(), "start": reproduce._start_time(os.getpid()), "boot": reproduce._boot_id()}
+    for stale in (str(os.getpid()), json.dumps({**me, "boot": "another-boot"}), json.dumps({**me, "start": "1"})):
+        claim.write_text(stale)
+        assert not reproduce.claim_alive(claim), stale
+        assert reproduce.claim_run(claim)
+    assert reproduce.claim_alive(claim)  # the claim it wrote itself
+
+
+def test_a_run_saved_between_the_look_and_the_claim_is_not_trained_again(tmp_path, monkeypatch):
+    """Worker 2 looks (none-seed0 not done), worker 1 saves it and releases its claim, worker 2 claims:
+    worker 2 must see the saved run once it holds the claim, and not train it again."""
+    trained = []
+    previous = fake_study(tmp_path, monkeypatch, trained)
+    runs = tmp_path / "study" / "runs"
+    sha = reproduce.sha256_of(previous["teacher"]["checkpoint"])
+    saved = {"variant": "none", "seed": 0, "checkpoint": "x", "seconds": 1.0, "metrics": {"val/acc": 0.4},
+             "teacher_sha256": sha}
+    looks = []
+
+    def finished():  # the first look comes before worker 1's save; every later one after it
+        looks.append(1)
+        return [] if len(looks) == 1 else [saved]
+
+    results = reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 1, runs, [], "cmd", previous=previous,
+                                  finished=finished)
+    assert trained == [] and len(looks) >= 2 and results["runs"] == []
+
+
+def test_two_workers_taking_over_one_dead_claim_do_not_both_get_it(tmp_path):
+    """Two workers restarted together find the same dead claim; with a delay between looking at it and
+    writing their own, exactly one of them holds the run."""
+    import multiprocessing
+
+    claim = tmp_path / "none-seed0.running"
+    claim.write_text(json.dumps({"pid": 999_999_999, "start": "1", "boot": reproduce._boot_id()}))
+    slow_alive = reproduce.claim_alive
+
+    def claim_alive(path):
+        alive = slow_alive(path)
+        time.sleep(0.5)  # both workers look before either writes
+        return alive
+
+    def worker(queue):
+        reproduce.claim_alive = claim_alive
+        queue.put(reproduce.claim_run(claim))
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(queue,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sorted(queue.get(timeout=5) for _ in procs) == [False, True]
+
+
+def test_a_worker_exits_3_while_another_live_worker_holds_a_run(tmp_path, monkeypatch, capsys):
+    trained = []
+    previous = fake_study(tmp_path, monkeypatch, trained)
+    out = tmp_path / "study"
+    (out / "results.json").write_text(json.dumps({**previous, "command": "c", "hardware": "h", "score": "best"}))
+    (out / "runs").mkdir()
+    child, claim = live_process()
+    try:
+        (out / "runs" / "none-seed0.running").write_text(claim)
+        code = reproduce.main([str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "2", "--variants", "none"])
+    finally:
+        child.kill()
+    assert code == 3 and trained == ["none-seed1"]
+    assert f"1 run(s) held by other live workers: none-seed0 (process {child.pid})" in capsys.readouterr().err
+
+
+def fake_teacher_study(tmp_path, monkeypatch, trained: list, contents: list):
+    """Fake training where the teacher step writes a checkpoint whose bytes are the next of `contents`."""
+    def run_step(config, args, root, score):
+        root.mkdir(parents=True, exist_ok=True)
+        trained.append(root.name)
+        ckpt = root / "checkpoints" / "best-epoch009.ckpt"  # the same name for every teacher
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(contents.pop(0) if root.name == "teacher" else b"student")
+        return str(ckpt), {"val/acc": 0.5, "val/acc_cls": 0.5, "val/acc_dist": 0.5}, 1.0
+
+    monkeypatch.setattr(reproduce, "run_step", run_step)
+
+
+def test_a_retrained_teacher_drops_the_runs_of_the_former_one(tmp_path, monkeypatch):
+    """The teacher's checkpoint is gone: the teacher is trained again (a checkpoint of the same name) and
+    every student is trained again for it; results.json and the run folders hold no run of the former
+    teacher, even when a worker that still holds the former teacher saves afterwards."""
+    trained = []
+    fake_teacher_study(tmp_path, monkeypatch, trained, [b"teacher one", b"teacher two"])
+    out = tmp_path / "study"
+    args = [str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "1", "--variants", "none", "token"]
+    assert reproduce.main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert trained == ["teacher", "none-seed0", "token-seed0"]
+    old_sha = first["teacher"]["sha256"]
+    assert {r["teacher_sha256"] for r in first["runs"]} == {old_sha}
+
+    Path(first["teacher"]["checkpoint"]).unlink()
+    assert reproduce.main(args) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert trained[3:] == ["teacher", "none-seed0", "token-seed0"]  # every student again
+    new_sha = second["teacher"]["sha256"]
+    assert new_sha != old_sha and second["teacher"]["checkpoint"] == first["teacher"]["checkpoint"]
+    assert sorted((r["variant"], r["seed"], r["teacher_sha256"]) for r in second["runs"]) == [
+        ("none", 0, new_sha), ("token", 0, new_sha)]
+    # a worker that started with the former teacher saves its run now: it does not come back
+    stale = {**first, "runs": [{**first["runs"][0], "seed": 5}]}
+    merged = reproduce.merge(second, stale, 1.0)
+    assert merged["teacher"]["sha256"] == new_sha and {r["teacher_sha256"] for r in merged["runs"]} == {new_sha}
+    assert (5 not in {r["seed"] for r in merged["runs"]})
+
+
+def test_folders_of_the_former_teachers_runs_are_removed(tmp_path, monkeypatch):
+    trained = []
+    fake_teacher_study(tmp_path, monkeypatch, trained, [b"teacher one", b"teacher two"])
+    out = tmp_path / "study"
+    args = [str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "2", "--variants", "none"]
+    assert reproduce.main(args) == 0
+    marker = out / "runs" / "none-seed1" / "from-teacher-one"
+    marker.write_text("x")
+    results = json.loads((out / "results.json").read_text())
+    Path(results["teacher"]["checkpoint"]).write_bytes(b"changed")  # changed, not gone: another teacher too
+    assert reproduce.main([*args[:-1], "token"]) == 0  # resumed with another variant only
+    assert not marker.exists() and not (out / "runs" / "none-seed1").exists() and trained.count("none-seed1") == 1
+
+
+def test_runs_another_worker_saved_for_another_teacher_do_not_count(tmp_path, monkeypatch):
+    trained = []
+    previous = fake_study(tmp_path, monkeypatch, trained)
+    other = [{"variant": "none", "seed": 0, "checkpoint": "x", "seconds": 1.0, "metrics": {"val/acc": 0.4},
+              "teacher_sha256": "another teacher"}]
+    reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 1, tmp_path / "study" / "runs", [], "cmd",
+                        previous=previous, finished=lambda: other)
+    assert trained == ["none-seed0"]
 
 
 def test_two_workers_saving_keep_each_others_runs_and_add_their_time(tmp_path, monkeypatch):
@@ -182,7 +349,7 @@ def test_two_workers_saving_keep_each_others_runs_and_add_their_time(tmp_path, m
 
     def run_step(config, step_args, root, score):
         if root.name == "none-seed0":  # worker 1's first run: worker 2 comes and goes meanwhile
-            assert reproduce.main(args) == 0
+            assert reproduce.main(args) == 3  # not 0: none-seed0 is still held by worker 1
         return fake(config, step_args, root, score)
 
     monkeypatch.setattr(reproduce, "run_step", run_step)

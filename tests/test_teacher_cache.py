@@ -241,3 +241,44 @@ def test_cache_next_to_its_teacher_and_shared_by_hard_and_soft_when_k_covers_eve
         trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
         assert module.teacher.cache is not None
     assert TeacherCache(run / "cache").manifest["topk"] is None
+
+
+def _twelve_class_fit(trainer_factory, cache_dir, mode: str, teacher):
+    dm = ImageDataModule("synthetic", img_size=8, batch_size=16, num_samples=80, num_classes_synthetic=12,
+                         in_chans_synthetic=1, keyed_views=True, view_epochs=1)
+    module = DistillModule(student=dict(STUDENT), teacher=teacher, warmup_epochs=0,
+                           loss=DistillationLoss(mode, tau=3.0), teacher_cache=TeacherCacheConfig(dir=str(cache_dir)))
+    trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+    return module
+
+
+def test_a_topk_cache_built_by_a_hard_run_is_refused_by_a_soft_run(trainer_factory, tmp_path):
+    """12 classes: a hard run builds the shared cache with the top 10 logits (topk auto); a soft run on
+    the same folder would read logits rebuilt with a uniform tail, so it is refused in one line. A cache
+    of every logit (built by the soft run elsewhere) serves a later hard run."""
+    teacher = tiny_teacher(in_chans=1, num_classes=12)
+    _twelve_class_fit(trainer_factory, tmp_path / "shared", "hard", teacher)
+    assert TeacherCache(tmp_path / "shared").manifest["topk"] == 10
+    with pytest.raises(ValueError, match=r"holds only the top 10 of 12 logits .*reads the whole distribution") as e:
+        _twelve_class_fit(trainer_factory, tmp_path / "shared", "soft", teacher)
+    assert "\n" not in str(e.value)
+    _twelve_class_fit(trainer_factory, tmp_path / "full", "soft", teacher)
+    assert TeacherCache(tmp_path / "full").manifest["topk"] is None
+    module = _twelve_class_fit(trainer_factory, tmp_path / "full", "hard", teacher)  # every logit serves argmax too
+    assert module.teacher.cache is not None and module.teacher.cache.cache.dir == tmp_path / "full"
+
+
+def test_a_second_fit_with_other_data_checks_the_cache_again(trainer_factory, tmp_path):
+    """The cache is opened and checked at every fit: a second `trainer.fit` of the same module with
+    another datamodule (other data behind the same keys) is refused instead of reading stale logits."""
+    kwargs = dict(img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True, view_epochs=1)
+    module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache")))
+    trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, ImageDataModule("digits", **kwargs))
+    first = module.teacher.cache
+    with pytest.raises(ValueError, match="data differs"):
+        trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
+            module, ImageDataModule("digits", seed=1, **kwargs))
+    # the same data again: opened anew and verified again against the live teacher
+    trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, ImageDataModule("digits", **kwargs))
+    assert module.teacher.cache is not first and module.teacher.cache.to_verify == 0

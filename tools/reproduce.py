@@ -20,11 +20,17 @@ Trains the teacher once, then the same student under each variant over N seeds:
 
 writes OUT/results.json (every run), OUT/results.md (mean +- std per variant, teacher accuracy, hardware,
 run time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
-in OUT/results.json (and the teacher, while its checkpoint exists) are kept, so a study can span
-sessions. Several processes can share a study: the same command started twice (say one process per core,
-`OMP_NUM_THREADS=1`) makes two workers. Each claims the next run no other one holds (RUN.running keeps its
-pid) and saves its runs into the shared results.json under a lock. Extra `--section.key VALUE` overrides
-go to both steps (`--teacher.` / `--student.` for one), as in `distill pipeline`.
+in OUT/results.json (and the teacher, while its checkpoint exists with the same sha256) are kept, so a
+study can span sessions. The runs are keyed on the teacher's identity, the sha256 of its checkpoint: when
+the teacher is retrained (its checkpoint gone or changed), the runs of the former teacher are dropped
+from results.json and their folders removed. Several processes can share a study: the same command
+started twice (say one process per core, `OMP_NUM_THREADS=1`) makes two workers. Each claims the next run
+no other one holds (RUN.running keeps its pid, the process's start time and the boot id, so a claim
+outlives neither its process nor a restart of the machine) and saves its runs into the shared
+results.json under a lock. A worker exits 0 only when the study is complete; when runs are still held
+by other live workers it says which and exits 3 (the last worker to finish completes results.json).
+Extra `--section.key VALUE` overrides go to both steps (`--teacher.` / `--student.` for one), as in
+`distill pipeline`.
 """
 from __future__ import annotations
 
@@ -38,10 +44,12 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from distill.models import sha256_of
 from distill.pipeline import resolve_recipe, run_step, split_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/study_plot.py
@@ -124,7 +132,8 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
               save=None, previous: dict | None = None, score: str = "best", finished=None) -> dict:
     """Runs what `previous` (an earlier results.json of the same study) does not hold yet; `save(results)`
     is called after the teacher and after every student run, so an interrupted study loses one run.
-    `finished()`, when given, returns the runs saved by other processes sharing the study; they are skipped."""
+    `finished()`, when given, returns the runs saved by other processes sharing the study; they are
+    skipped. Runs of another teacher (another sha256 of its checkpoint) never count."""
     recipe_dir = resolve_recipe(recipe)
     steps = split_overrides(overrides)
     previous = previous or {}
@@ -142,81 +151,189 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
         if save is not None:
             save(results)
 
-    teacher = results["teacher"]
-    if not teacher or not Path(teacher.get("checkpoint") or "").is_file():
+    teacher_sha = current_sha(results["teacher"])
+    if teacher_sha is None:
         claim = out / "teacher.running"
         if not claim_run(claim):
-            raise RuntimeError(f"process {claim.read_text().strip()} is training this study's teacher; start this "
+            raise RuntimeError(f"process {claim_owner(claim)} is training this study's teacher; start this "
                                f"worker again once it has finished")
         try:
+            drop_runs_of_another_teacher(out)
+            shutil.rmtree(out / "teacher", ignore_errors=True)  # a former teacher's checkpoints are not this one's
             ckpt, metrics, seconds = run_step(recipe_dir / "teacher.yaml", steps["teacher"], out / "teacher", score)
         finally:
-            claim.unlink(missing_ok=True)
-        results["teacher"] = {"checkpoint": ckpt, "val/acc": metrics.get("val/acc"), "seconds": round(seconds, 1),
-                              "metrics": metrics}
+            release(claim)
+        teacher_sha = sha256_of(ckpt)
+        results["teacher"] = {"checkpoint": ckpt, "sha256": teacher_sha, "val/acc": metrics.get("val/acc"),
+                              "seconds": round(seconds, 1), "metrics": metrics}
         results["runs"] = []  # students of another teacher do not belong to this study
         checkpoint()
+    else:
+        results["teacher"]["sha256"] = teacher_sha  # a study from before runs were keyed on it: adopt its runs
+        results["runs"] = [{**r, "teacher_sha256": r.get("teacher_sha256") or teacher_sha} for r in results["runs"]
+                           if (r.get("teacher_sha256") or teacher_sha) == teacher_sha]
     teacher_ckpt = results["teacher"]["checkpoint"]
+
+    def done() -> set[tuple[str, int]]:
+        others = finished() if finished else []
+        return {(r["variant"], r["seed"]) for r in [*results["runs"], *others] if r.get("teacher_sha256") == teacher_sha}
+
+    held: list[str] = []
     for variant in variants:
         extra = guidance_args(recipe_dir) if variant in GUIDED else []
         for seed in range(seeds):
-            done = {(r["variant"], r["seed"]) for r in [*results["runs"], *(finished() if finished else [])]}
-            if (variant, seed) in done:
+            if (variant, seed) in done():
                 continue
             root = out / f"{variant}-seed{seed}"
             claim = root.with_name(root.name + ".running")
             if not claim_run(claim):
-                print(f"skipping {root.name}: process {claim.read_text().strip()} is running it", file=sys.stderr)
+                print(f"skipping {root.name}: process {claim_owner(claim)} is running it", file=sys.stderr)
+                held.append(f"{root.name} (process {claim_owner(claim)})")
                 continue
             try:
+                if (variant, seed) in done():  # saved by another worker between the look and the claim
+                    continue
                 if root.exists():  # an interrupted run's folder: its checkpoints would be mistaken for this run's
                     print(f"removing {root}: a run that did not finish", file=sys.stderr)
                     shutil.rmtree(root)
                 args = [*extra, *steps["student"], *VARIANTS[variant], "--seed_everything", str(seed),
                         "--model.init_args.teacher", teacher_ckpt]
                 ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, root, score)
-                results["runs"].append({"variant": variant, "seed": seed, "checkpoint": ckpt,
+                results["runs"].append({"variant": variant, "seed": seed, "checkpoint": ckpt, "teacher_sha256": teacher_sha,
                                         "seconds": round(seconds, 1), "metrics": metrics})
                 checkpoint()
             finally:
-                claim.unlink(missing_ok=True)
+                release(claim)
     checkpoint()
+    results["held"] = [h for h in held if not any(h.startswith(f"{v}-seed{s} ") for v, s in done())]
     return results
 
 
-def claim_run(claim: Path) -> bool:
-    """Marks a run as taken by this process (CLAIM holds its pid), so that two processes sharing a study
-    (the same command started once per core) never run, or delete, the same run. A claim whose
-    process has died is taken over."""
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+def current_sha(teacher: dict | None) -> str | None:
+    """sha256 of the study's teacher checkpoint when it is still there and unchanged (a study from before
+    the teacher's sha256 was recorded: whatever the file holds), else None: it must be trained again."""
+    path = Path((teacher or {}).get("checkpoint") or "")
+    if not path.is_file():
+        return None
+    digest = sha256_of(path)
+    recorded = teacher.get("sha256")
+    return digest if recorded in (None, digest) else None
+
+
+def drop_runs_of_another_teacher(out: Path) -> None:
+    """Before a (new) teacher is trained: the folders of every run not held by a live worker are of the
+    former teacher; remove them (results.json drops their entries when the new teacher is saved)."""
+    if not out.is_dir():
+        return
+    for folder in out.iterdir():
+        if folder.is_dir() and folder.name != "teacher" and not claim_alive(folder.with_name(folder.name + ".running")):
+            print(f"removing {folder}: a run of another teacher", file=sys.stderr)
+            shutil.rmtree(folder)
+
+
+# ------------------------------------------------------------------------------------------- claims
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22); None when no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                os.kill(int(claim.read_text().strip() or 0), 0)
-                return False  # alive
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                claim.unlink(missing_ok=True)  # its process died: take the run over
-                continue
-            except PermissionError:
-                return False  # alive, another user's
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""  # alive, start time unknown (no /proc)
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "start": _start_time(os.getpid()), "boot": _boot_id()}
+
+
+def claim_owner(claim: Path) -> str:
+    try:
+        text = claim.read_text().strip()
+        return str(json.loads(text)["pid"]) if text.startswith("{") else text
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def claim_alive(claim: Path) -> bool:
+    """True while the process that wrote CLAIM runs: same boot, same pid, same start time (a pid reused
+    after its process died, or a claim from before a restart, is dead; so is a claim in this process's
+    name written by an earlier process with the same pid)."""
+    try:
+        text = claim.read_text().strip()
+    except OSError:
+        return False
+    try:
+        owner = json.loads(text) if text.startswith("{") else {"pid": int(text or 0)}
+        pid = int(owner["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if "boot" in owner and owner["boot"] != _boot_id():
+        return False
+    start = _start_time(pid)
+    if start is None:
+        return False
+    if "start" in owner:
+        return owner["start"] == start or start == ""
+    return pid != os.getpid()  # an old plain-pid claim: alive unless it names this very process
+
+
+@contextmanager
+def _claims_lock(folder: Path):
+    """One lock for every claim of a study: look, take over and write happen as one step."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "claims.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def release(claim: Path) -> None:
+    with _claims_lock(claim.parent):
+        if claim_owner(claim) == str(os.getpid()):
+            claim.unlink(missing_ok=True)
+
+
+def claim_run(claim: Path) -> bool:
+    """Marks a run as taken by this process (CLAIM holds its pid, start time and boot id), so that two
+    processes sharing a study (the same command started once per core) never run, or delete, the same
+    run. A claim whose process has died is taken over. Look and write happen under the study's claims
+    lock, so two workers restarted together cannot both take over one dead claim."""
+    with _claims_lock(claim.parent):
+        if claim.exists() and claim_alive(claim):
+            return False
+        tmp = claim.with_name(f".{claim.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(_me()))
+        os.replace(tmp, claim)
         return True
-    return False
 
 
 def merge(on_disk: dict | None, results: dict, seconds_since_last_save: float) -> dict:
     """What results.json holds after this process saves: its own runs added to those other processes
-    sharing the study saved meanwhile, and its time added to theirs. A study whose teacher was retrained
-    starts over (its earlier students do not belong to the new teacher)."""
-    teacher = lambda r: (r.get("teacher") or {}).get("checkpoint")  # noqa: E731
-    if not on_disk or teacher(on_disk) != teacher(results):
+    sharing the study saved meanwhile, and its time added to theirs. Only runs of the study's teacher
+    count, the one whose checkpoint is there with its recorded sha256: a worker still holding a former
+    teacher never brings its runs back, and a retrained teacher starts over."""
+    if not on_disk:
         return results
-    keys = {(r["variant"], r["seed"]) for r in on_disk["runs"]}
-    runs = [*on_disk["runs"], *(r for r in results["runs"] if (r["variant"], r["seed"]) not in keys)]
-    return {**results, "runs": runs,
+    valid = lambda t: current_sha(t) if (t or {}).get("sha256") else None  # noqa: E731 - recorded and still there
+    ours, theirs = valid(results.get("teacher")), valid(on_disk.get("teacher"))
+    sha, base = (ours, results) if ours else (theirs, on_disk)
+    if sha is None:
+        return results
+    kept = [r for r in on_disk.get("runs", []) if r.get("teacher_sha256") == sha] if theirs == sha else []
+    keys = {(r["variant"], r["seed"]) for r in kept}
+    runs = [*kept, *(r for r in results["runs"] if r.get("teacher_sha256") == sha and (r["variant"], r["seed"]) not in keys)]
+    return {**base, "command": results["command"], "runs": runs,
             "seconds": round(float(on_disk.get("seconds") or 0.0) + seconds_since_last_save, 1),
             "table": table(runs, list(VARIANTS))}
 
@@ -296,9 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     def finished() -> list[dict]:
         return json.loads(path.read_text())["runs"] if path.is_file() else []
 
-    run_study(args.recipe, args.variants, args.seeds, out / "runs", overrides, command, save=save, previous=previous,
-              score=args.score, finished=finished)
+    results = run_study(args.recipe, args.variants, args.seeds, out / "runs", overrides, command, save=save,
+                        previous=previous, score=args.score, finished=finished)
     print((out / "results.md").read_text())
+    if results["held"]:
+        print(f"study incomplete: {len(results['held'])} run(s) held by other live workers: {', '.join(results['held'])}; "
+              f"results.json holds them once those workers finish", file=sys.stderr)
+        return 3
     return 0
 
 

