@@ -428,8 +428,11 @@ class DistillModule(EvaluationSteps, L.LightningModule):
                     f"{field}: {now.get('path')!r} has sha256 {now['sha256'][:12]}... but the checkpoint was "
                     f"trained with {was['sha256'][:12]}...; the teacher file changed since, restore it or start a new run"
                 )
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("guidance.guide.")]:
+            del state[key]  # a teacher copy older guided checkpoints saved; the teacher comes from its file
         if self.teacher is not None:
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.student is None:  # a checkpoint of a module whose student is built lazily
             self.configure_model()
 
