@@ -492,3 +492,17 @@ def test_the_eval_mode_warning_is_hidden_for_the_teacher_alone(trainer_factory, 
         DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm))
         trainer_factory(max_steps=1, limit_val_batches=0).fit(Plain(), dm)
     assert [w for w in caught if "Found 1 module(s) in eval mode" in str(w.message)]
+
+
+def test_the_eval_mode_warning_still_names_other_modules_of_the_student_module(trainer_factory, tiny_student):
+    class StaysInEval(torch.nn.Dropout):  # e.g. a user's frozen extra, not the teacher or the EMA copy
+        def train(self, mode: bool = True):
+            return super().train(False)
+
+    dm = digits()
+    module = DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm), warmup_epochs=0)
+    module.extra = StaysInEval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_factory(max_steps=1, limit_val_batches=0).fit(module, dm)
+    assert [w for w in caught if "module(s) in eval mode" in str(w.message)]
