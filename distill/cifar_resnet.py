@@ -69,6 +69,13 @@ class CifarResNet(nn.Module):
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups as timm's ResNet names them (`param_groups_layer_decay` reads the fine one):
+        the stem, then one group per residual block (one per stage when coarse); the head, unmatched,
+        comes last. Without it timm cuts the parameters into even chunks, through the blocks."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 

@@ -207,6 +207,7 @@ class ImageDataModule(L.LightningDataModule):
         repeated_aug: repeated augmentation (DeiT's RASampler, `distill.samplers`): each training image
             appears this many times per epoch, spread over the processes, with the epoch kept at
             DeiT's length; DeiT uses 3 on ImageNet. 0 or 1 = off. Needs >= 256 training images.
+            Used only with several processes (DDP), as in DeiT; one process shuffles plainly.
         hflip: probability of a horizontal flip in training (0 for digits and text).
         auto_augment: timm RandAugment/AutoAugment/AugMix string, e.g. `rand-m9-mstd0.5-inc1` (DeiT);
             None = off. Posterize keeping 0 bits gives a black image, as with the Pillow < 13 DeiT ran
@@ -545,14 +546,23 @@ class ImageDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------- dataloaders
     def train_sampler(self):
         """DeiT's repeated-augmentation sampler for this process (`distill.samplers`), or None when
-        data.repeated_aug is off (the loader then shuffles, and Lightning shards it under DDP)."""
+        data.repeated_aug is off or there is one process (the loader then shuffles, and Lightning shards
+        it under DDP). DeiT repeats augmentations only when distributed and shuffles plainly otherwise
+        (its main.py): on one process the copies of an image would share a batch and an epoch would
+        see 1 / repeated_aug of the images."""
         hp = self.hparams
         if hp.repeated_aug <= 1:
             return None
-        from .samplers import RepeatedAugSampler
-
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if world == 1:
+            if not getattr(self, "_noted_one_process", False):
+                self._noted_one_process = True
+                log.warning("data.repeated_aug=%d is off on one process, as in DeiT (it repeats augmentations across "
+                         "processes only): a plain shuffle of every training image each epoch", hp.repeated_aug)
+            return None
+        from .samplers import RepeatedAugSampler
+
         return RepeatedAugSampler(self.train_set, num_replicas=world, rank=rank, repeats=hp.repeated_aug, seed=hp.seed)
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:

@@ -69,16 +69,24 @@ class FeatureGuidance(nn.Module):
                 raise ValueError(f"model.feature_guidance.student_blocks: block {b} does not exist in a student of "
                                  f"depth {depth}")
         self.cfg = cfg
-        self.blocks = [int(b) % depth for b in cfg.student_blocks]
+        self.blocks = [int(b) % depth for b in cfg.student_blocks]  # one per pair, as given
+        # timm's forward_intermediates returns the blocks it takes once each, in ascending order: each
+        # pair reads its block's map from that list (unsorted and repeated blocks pair as written).
+        self._taken = sorted(set(self.blocks))
+        self._position = [self._taken.index(b) for b in self.blocks]
         self.layers = list(cfg.teacher_layers)
         self.weight = float(cfg.weight)
-        self.guide = teacher.members[0] if hasattr(teacher, "members") else teacher  # an ensemble's first member
+        # The teacher (an ensemble's first member) is owned by the DistillModule, never by this module:
+        # a plain attribute outside the module tree keeps it out of state_dict (student checkpoints hold
+        # no teacher weights) and out of load_state_dict (reloading cannot overwrite the teacher's file
+        # weights with a copy the student saved, bf16-rounded under a bf16 teacher dtype).
+        object.__setattr__(self, "guide", teacher.members[0] if hasattr(teacher, "members") else teacher)
         self.guide.watch(self.layers)
         was_training = student.training
         x = torch.zeros(1, in_chans, img_size, img_size, device=next(student.parameters()).device)
         with torch.no_grad():
             student.eval()
-            _, feats = student.forward_intermediates(x, indices=self.blocks)
+            _, feats = self.student_forward(student, x)
             student.train(was_training)
             self.guide(x)
             targets = self.guide.watched(self.layers)
@@ -89,9 +97,10 @@ class FeatureGuidance(nn.Module):
         self.proj = nn.ModuleList(nn.Conv2d(f.shape[1], t.shape[1], 1) for f, t in zip(feats, targets))
 
     def student_forward(self, student: nn.Module, x: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
-        """The student's training output (as `student(x)` returns it) and its guided feature maps."""
-        final, feats = student.forward_intermediates(x, indices=self.blocks)
-        return student.forward_head(final), feats
+        """The student's training output (as `student(x)` returns it) and its guided feature maps, one
+        per pair (`student_blocks` order)."""
+        final, feats = student.forward_intermediates(x, indices=self._taken)
+        return student.forward_head(final), [feats[i] for i in self._position]
 
     def loss(self, student_feats: list[torch.Tensor]) -> torch.Tensor:
         """Sum over the pairs of the MSE between the projected student map and the teacher's map of the

@@ -8,7 +8,6 @@ several) and only asks it for logits and feature maps; everything about the teac
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -127,8 +126,6 @@ class FrozenTeacher(TeacherOutputs, nn.Module):
 
     def __init__(self, network: nn.Module, identity: dict[str, Any] | None = None) -> None:
         super().__init__()
-        # Lightning warns at the start of fit about modules in eval mode: the frozen teacher's are, by design
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         self.network = network
         network.eval()
         network.requires_grad_(False)

@@ -184,8 +184,11 @@ class DistillationLoss(nn.Module):
             NCKD`, needs the ground-truth class), `dist` (DIST, Huang et al. 2022: Pearson-correlation
             relations, `dist_beta * inter + dist_gamma * intra`) or `none` (ground truth only: total is
             the CE term and `alpha` is not used).
-        alpha: weight of the distillation term, in [0, 1]. The DKD and DIST papers add their term to a
-            CE of weight 1; `alpha=0.5` keeps their 1:1 ratio at half the gradient scale.
+        alpha: weight of the distillation term, in [0, 1]. DKD's configs (mdistiller) add their term to
+            a CE of weight 1: `alpha=0.5` keeps that 1:1 ratio at half the loss scale. DIST's configs
+            weight CE:DIST as 1:2 (`ori_loss_weight: 1`, `kd_loss_weight: 2`, beta = gamma = 1):
+            `alpha=2/3` gives `(CE + 2 DIST) / 3`, or `alpha=0.5` with `dist_beta = dist_gamma = 2` gives
+            `(CE + 2 DIST) / 2`; `alpha=0.5` with the default weights is 1:1, half the authors' weight.
         tau: temperature of the soft, dkd and dist terms, > 0; every one is multiplied by `tau**2`.
             Typical: 3.0 for DeiT's soft term, 4.0 for DKD (their CIFAR configs), 1.0 (ImageNet) or 4.0
             (CIFAR) for DIST, 2-3 with `standardize`.

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from .data import ImageDataModule
 from .fault_tolerance import AtomicCheckpointIO, BestAndLastCheckpoint
 from .lineage import RunSummary, finish_wandb
+from .progress import progress_output
 
 log = logging.getLogger("distill")
 # `distill pipeline` runs LightningCLI in-process with args of its own, which is what this warns about.
@@ -85,7 +86,8 @@ class _Parsed(Exception):
 
 class DistillCLI(LightningCLI):
     """LightningCLI with the toolkit's defaults: a CSV log and checkpoints (best and last) in the run
-    folder (`trainer.default_root_dir`), optional W&B tracking, a summary after each step."""
+    folder (`trainer.default_root_dir`), optional W&B tracking, the progress bar on a terminal and one
+    line per epoch in a log file (`distill.progress`), a summary after each step."""
 
     def __init__(self, args=None, run: bool = True, **kwargs) -> None:
         super().__init__(
@@ -144,6 +146,10 @@ class DistillCLI(LightningCLI):
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         callbacks = [RunSummary()]  # the modules add NonFiniteLossGuard and ResumeState themselves
+        # The progress bar on a terminal; in a log file (CI, nohup, SLURM) one line per epoch instead of
+        # thousands of carriage-return refreshes. An explicit trainer.enable_progress_bar wins.
+        kwargs["enable_progress_bar"], epoch_lines = progress_output(trainer_cfg.get("enable_progress_bar"))
+        callbacks += epoch_lines
         if kwargs.get("logger") or trainer_cfg.get("logger"):
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         trainer = super().instantiate_trainer(**kwargs)

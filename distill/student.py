@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -387,6 +388,11 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_fit_start(self) -> None:
+        # Lightning (2.6) no longer puts the module in train mode when fitting starts: a student handed
+        # over in eval mode (`load_student` returns one) would train on its fused logits without drop
+        # path. The frozen teacher and the EMA copy stay in eval (see `train`).
+        self.train()
+        self._hide_eval_mode_warning()
         hp, cache_cfg = self.hparams, self.teacher_cache_config
         use_cache = cache_cfg is not None and self.loss.needs_teacher and self.teacher is not None
         if self.teacher is not None:
@@ -412,6 +418,24 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams(resolved)
 
+    def _hide_eval_mode_warning(self) -> None:
+        """Lightning warns when fitting starts with modules in eval mode; the frozen teacher's and the
+        EMA copy's are, by design. Hide that one message for this fit's start only (until
+        `on_train_start`), and only when no other module is in eval mode."""
+        from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+        in_eval = [name for name, m in self.named_modules() if not m.training]
+        by_design = all(name == "teacher" or name.startswith(("teacher.", "student_ema")) for name in in_eval)
+        if in_eval and by_design:
+            message = rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training"
+            warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
+            self._eval_mode_filter = warnings.filters[0]
+
+    def on_train_start(self) -> None:
+        entry = self.__dict__.pop("_eval_mode_filter", None)
+        if entry is not None and entry in warnings.filters:
+            warnings.filters.remove(entry)  # an "ignore" entry: nothing cached to invalidate
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["distill_teacher"] = dict(self.teacher_identity)
@@ -430,6 +454,11 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         saved = checkpoint.get("distill_teacher") or {}
         saved_members = saved.get("members") or [saved]
         current_members = self.teacher_identity.get("members") or [self.teacher_identity]
+        if saved and self.teacher is not None and len(saved_members) != len(current_members):
+            raise ValueError(
+                f"model.teacher: the checkpoint was trained with {len(saved_members)} teacher"
+                f"{'s' if len(saved_members) > 1 else ''} but this run has {len(current_members)}; pass the same "
+                f"teachers in the same order or start a new run")
         for i, (was, now) in enumerate(zip(saved_members, current_members)):
             if was.get("sha256") and now.get("sha256") and was["sha256"] != now["sha256"]:
                 field = "model.teacher" if len(current_members) == 1 else f"model.teacher[{i}]"
@@ -437,8 +466,11 @@ class DistillModule(EvaluationSteps, L.LightningModule):
                     f"{field}: {now.get('path')!r} has sha256 {now['sha256'][:12]}... but the checkpoint was "
                     f"trained with {was['sha256'][:12]}...; the teacher file changed since, restore it or start a new run"
                 )
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("guidance.guide.")]:
+            del state[key]  # a teacher copy older guided checkpoints saved; the teacher comes from its file
         if self.teacher is not None:
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.student is None:  # a checkpoint of a module whose student is built lazily
             self.configure_model()
 

@@ -103,3 +103,58 @@ def test_bad_guidance_settings_are_one_line_errors(tiny_teacher_ckpt, tmp_path):
         DistillModule(cfg, loss=DistillationLoss("none"), feature_guidance=dict(GUIDE))
     with pytest.raises(ValueError, match=r"does not output a \(B, C, H, W\)"):
         DistillModule(cfg, teacher=teacher(dm), feature_guidance=dict(GUIDE, teacher_layers=["stages.0", "head"]))
+
+
+@pytest.mark.parametrize("teacher_dtype", [None, "bfloat16"])
+def test_guided_checkpoint_holds_no_teacher_and_reload_keeps_the_teacher_files_weights(
+        trainer_factory, tiny_teacher_ckpt, tmp_path, teacher_dtype):
+    from distill.frozen_teacher import FrozenTeacher
+
+    module = DistillModule(StudentConfig(**STUDENT), teacher=str(tiny_teacher_ckpt), warmup_epochs=0,
+                           feature_guidance=dict(GUIDE), teacher_dtype=teacher_dtype)
+    trainer = trainer_factory(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, digits())
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert [k for k in saved if not k.startswith(("student.", "guidance.proj."))] == []  # no teacher tensor
+    loaded = DistillModule.load_from_checkpoint(path)
+    reference = FrozenTeacher.load(str(tiny_teacher_ckpt)).network.state_dict()
+    weights = loaded.teacher.network.state_dict()
+    assert weights.keys() == reference.keys()
+    for k, v in reference.items():  # bit for bit the file's, not a (bf16-rounded) copy from the student
+        assert weights[k].dtype == v.dtype and torch.equal(weights[k], v), k
+    assert [k for k, _ in loaded.named_modules() if ".guide" in k] == []
+    # a checkpoint of an older version, with a bf16 teacher copy under guidance.guide.*, still loads the file's
+    legacy = torch.load(path, map_location="cpu", weights_only=True)
+    legacy["state_dict"].update({f"guidance.guide.network.{k}": v.to(torch.bfloat16) if v.is_floating_point() else v
+                                 for k, v in reference.items()})
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    weights = DistillModule.load_from_checkpoint(tmp_path / "legacy.ckpt").teacher.network.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in reference.items())
+
+
+@pytest.mark.parametrize("blocks", [[2, 0], [-1, 0], [1, 1], [0, 2]])
+def test_student_blocks_pair_with_teacher_layers_by_block_index(blocks):
+    dm = digits()
+    layers = ["stages.2", "stages.0"]
+    module = DistillModule(StudentConfig(**dict(STUDENT, depth=3), num_classes=10, img_size=8, in_chans=1),
+                           teacher=teacher(dm), feature_guidance=dict(GUIDE, student_blocks=blocks,
+                                                                       teacher_layers=layers))
+    guidance, student = module.guidance, module.student.eval()
+    assert [p.out_channels for p in guidance.proj] == [32, 8]  # one projection per pair, to its teacher layer
+    x = torch.randn(2, 1, 8, 8)
+    _, feats = guidance.student_forward(student, x)
+    # each pair's map is its own block's, computed alone
+    alone = [student.forward_intermediates(x, indices=[b], intermediates_only=True)[0] for b in blocks]
+    assert len(feats) == len(blocks)
+    for f, a in zip(feats, alone):
+        torch.testing.assert_close(f, a)
+    module.teacher(x)
+    targets = module.teacher.watched(layers)
+    expected = 0
+    for proj, f, t in zip(guidance.proj, alone, targets):  # the authors' formula on the right pairs
+        size = (max(f.shape[-2], t.shape[-2]), max(f.shape[-1], t.shape[-1]))
+        expected = expected + F.mse_loss(F.interpolate(proj(f), size, mode="bilinear"),
+                                         F.interpolate(t, size, mode="bilinear"))
+    torch.testing.assert_close(guidance.loss(feats), expected)

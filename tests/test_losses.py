@@ -723,3 +723,18 @@ def test_new_invalid_arguments_name_the_field_in_one_line(kwargs, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b") as info:
         DistillationLoss(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_dist_settings_that_reproduce_the_authors_one_to_two_weighting():
+    """DIST's configs: `ori_loss_weight 1 * CE + kd_loss_weight 2 * DIST(beta=1, gamma=1)`; here
+    total = (1 - alpha) * CE + alpha * (dist_beta * inter + dist_gamma * intra)."""
+    g = torch.Generator().manual_seed(0)
+    s_cls, s_dist, t = (torch.randn(8, 10, generator=g, dtype=torch.float64) for _ in range(3))
+    y = torch.randint(0, 10, (8,), generator=g)
+    plain = DistillationLoss("dist", alpha=0.5, tau=4.0)((s_cls, s_dist), t, y)
+    authors = plain.ce + 2 * plain.distill
+    two_thirds = DistillationLoss("dist", alpha=2 / 3, tau=4.0)((s_cls, s_dist), t, y).total
+    doubled = DistillationLoss("dist", alpha=0.5, tau=4.0, dist_beta=2.0, dist_gamma=2.0)((s_cls, s_dist), t, y).total
+    assert two_thirds.item() == pytest.approx(authors.item() / 3, rel=1e-6)  # float32 inside
+    assert doubled.item() == pytest.approx(authors.item() / 2, rel=1e-6)
+    assert plain.total.item() == pytest.approx((plain.ce + plain.distill).item() / 2, rel=1e-6)  # 1:1, not 1:2

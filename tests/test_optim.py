@@ -83,3 +83,35 @@ def test_warmup_cosine_shape():
     assert f[10] == 1.0 and f[9] < 1.0
     assert f[45] == pytest.approx(0.5 * (1 + math.cos(math.pi * 35 / 70)))
     assert f[80:] == [0.0] * 20
+
+
+def test_layer_decay_on_a_cifar_resnet_groups_the_stem_then_each_block():
+    """timm's param_groups_layer_decay follows the model's group_matcher: stem, one layer per residual
+    block, then the head; every parameter of a block shares its lr (no even chunks cutting through one)."""
+    import timm
+    import distill  # noqa: F401 - registers the CIFAR ResNets
+
+    from distill.optim import adamw
+
+    model = timm.create_model("cifar_resnet18", num_classes=10, base_width=8)  # 4 stages x 2 blocks
+    decay = 0.5
+    opt = adamw(model, LR, 0.05, layer_decay=decay)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {name_of[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert set(lr_of) == set(name_of.values())
+
+    def layer(name: str) -> int:  # stem 0, stages.s.b 1 + 2s + b, head 9
+        if name.startswith("stem."):
+            return 0
+        if name.startswith("stages."):
+            s, b = map(int, name.split(".")[1:3])
+            return 1 + 2 * s + b
+        assert name.startswith("head."), name
+        return 9
+
+    per_layer = {}
+    for name, lr in lr_of.items():
+        per_layer.setdefault(layer(name), set()).add(lr)
+    assert {k: len(v) for k, v in per_layer.items()} == {k: 1 for k in range(10)}  # one lr per block
+    for name, lr in lr_of.items():
+        assert lr == pytest.approx(LR * decay ** (9 - layer(name))), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -82,8 +83,10 @@ def test_epochs_differ_and_an_epoch_replays():
 def test_too_small_for_deits_rounding_is_a_one_line_error():
     with pytest.raises(ValueError, match="data.repeated_aug=3: 255 training images.*at least 256 images"):
         RepeatedAugSampler(Sized(255), num_replicas=2, rank=0)
+    dm = ImageDataModule("synthetic", num_samples=300, repeated_aug=3)  # 240 for training
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, lightning_module=None)  # two processes
     with pytest.raises(ValueError, match="at least 256 images"):
-        ImageDataModule("synthetic", num_samples=300, repeated_aug=3).setup("fit")  # 240 for training
+        dm.setup("fit")
     with pytest.raises(ValueError, match="at least 2 copies"):
         RepeatedAugSampler(Sized(400), repeats=1)
 
@@ -94,31 +97,23 @@ def test_refused_with_keyed_views_and_on_device(other):
         ImageDataModule("digits", repeated_aug=3, **other)
 
 
-def test_datamodule_uses_it_on_one_device_and_lightning_sets_the_epoch(trainer_factory, tiny_teacher_kwargs):
+def test_lightning_sets_the_epoch_of_the_sampler(trainer_factory, tiny_teacher_kwargs):
+    """A fit calls set_epoch on the datamodule's sampler every epoch (as it does under DDP, where the
+    datamodule builds it; here the sampler of rank 0 of two processes is handed in on one device)."""
     from distill import TeacherModule
 
     dm = ImageDataModule("digits", img_size=8, batch_size=64, repeated_aug=3)
     dm.setup("fit")
-    loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RepeatedAugSampler) and len(loader.sampler) == 1437 // 256 * 256
-    assert len(loader) == 1280 // 64
-
     epochs = []
-    real = dm.train_sampler
 
-    def recording():
-        s = real()
-        it = s.__iter__
+    class Spy(RepeatedAugSampler):
+        def __iter__(self):
+            epochs.append(self.epoch)
+            return super().__iter__()
 
-        class Spy(type(s)):
-            def __iter__(self):
-                epochs.append(self.epoch)
-                return it()
-
-        s.__class__ = Spy
-        return s
-
-    dm.train_sampler = recording
+    dm.train_sampler = lambda: Spy(dm.train_set, num_replicas=2, rank=0, repeats=3)
+    loader = dm.train_dataloader()
+    assert len(loader.sampler) == 1437 // 256 * 256 // 2 and len(loader) == 640 // 64
     L.seed_everything(0)
     trainer = trainer_factory(max_epochs=3, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(TeacherModule(**tiny_teacher_kwargs), dm)
@@ -133,9 +128,10 @@ def test_lightning_keeps_it_under_ddp(tmp_path):
     dm = ImageDataModule("digits", img_size=8, batch_size=32, repeated_aug=3)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, default_root_dir=str(tmp_path))
     assert trainer._accelerator_connector.is_distributed
-    dm.setup("fit")  # no trainer attached: world 1, rank 0
+    dm.trainer = trainer  # world 2, rank 0 (not launched)
+    dm.setup("fit")
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, DistributedSampler)
+    assert isinstance(loader.sampler, RepeatedAugSampler) and isinstance(loader.sampler, DistributedSampler)
     prepared = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
     assert prepared.sampler is loader.sampler
 
@@ -163,3 +159,21 @@ def test_two_process_ddp_run_draws_deits_epoch_length(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 20
+
+
+def test_on_one_device_an_epoch_is_a_plain_shuffle_of_every_image_once(trainer_factory, caplog):
+    """DeiT repeats augmentations only when distributed (main.py: RASampler under --dist, RandomSampler
+    otherwise): on one device the 3 copies of an image would share a batch and an epoch would see a
+    third of the images."""
+    import logging
+
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, repeated_aug=3, drop_last=False)
+    dm.trainer = trainer_factory()  # one CPU device
+    with caplog.at_level(logging.INFO, logger="distill"):
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+    seen = [i for batch in loader.batch_sampler for i in batch]
+    assert sorted(seen) == list(range(len(dm.train_set)))  # 1,437 distinct images, each once
+    assert seen != sorted(seen)  # shuffled
+    notes = [r.getMessage() for r in caplog.records if "repeated_aug" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0] and "one process" in notes[0]

@@ -507,3 +507,72 @@ def test_student_on_another_split_of_the_teachers_data_is_refused(trainer_factor
         trainer_factory(max_steps=1, limit_val_batches=0).fit(module, digits(seed=1))
     # the same split trains
     trainer_factory(max_steps=1, limit_val_batches=0).fit(module, digits(seed=0))
+
+
+# ------------------------------------------------------------------------------------ train mode
+def test_a_student_handed_over_in_eval_mode_trains_in_train_mode(trainer_factory, teacher_file, tiny_student, tmp_path):
+    """Lightning 2.6 no longer puts the module in train mode when fitting starts: the student of
+    `load_student` (in eval mode) would train on its fused logits without drop path."""
+    dm = digits()
+    first = DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), warmup_epochs=0)
+    trainer = trainer_factory(max_steps=1, limit_val_batches=0)
+    trainer.fit(first, dm)
+    trainer.save_checkpoint(tmp_path / "student.ckpt")
+    student = load_student(tmp_path / "student.ckpt")
+    assert not student.training
+    module = DistillModule(student, teacher=str(teacher_file), warmup_epochs=0, ema_decay=0.9,
+                           feature_guidance=dict(student_blocks=[0], teacher_layers=["stages.0"]))
+    module.eval()  # everything, the guidance projections too
+    seen = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(dict(student=all(m.training for m in pl_module.student.modules()),
+                             proj=all(m.training for m in pl_module.guidance.modules()),
+                             teacher=any(m.training for m in pl_module.teacher.network.modules()),
+                             ema=any(m.training for m in pl_module.student_ema.module.modules())))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_factory(max_steps=2, limit_val_batches=1, val_check_interval=1, callbacks=[Modes()]).fit(module, dm)
+    # in train mode at every step, also after a validation; the frozen teacher and the EMA copy in eval
+    assert seen == [dict(student=True, proj=True, teacher=False, ema=False)] * 2
+    assert not [w for w in caught if "in eval mode" in str(w.message)]  # the teacher's and EMA's: by design
+
+
+def test_the_eval_mode_warning_is_hidden_for_the_teacher_alone(trainer_factory, tiny_student):
+    """Building a teacher does not hide Lightning's warning about other modules left in eval mode."""
+    dm = digits()
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(64, 10)
+            self.dropout = torch.nn.Dropout(0.5).eval()  # left in eval mode by mistake
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(self.dropout(x.flatten(1))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm))
+        trainer_factory(max_steps=1, limit_val_batches=0).fit(Plain(), dm)
+    assert [w for w in caught if "Found 1 module(s) in eval mode" in str(w.message)]
+
+
+def test_the_eval_mode_warning_still_names_other_modules_of_the_student_module(trainer_factory, tiny_student):
+    class StaysInEval(torch.nn.Dropout):  # e.g. a user's frozen extra, not the teacher or the EMA copy
+        def train(self, mode: bool = True):
+            return super().train(False)
+
+    dm = digits()
+    module = DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm), warmup_epochs=0)
+    module.extra = StaysInEval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_factory(max_steps=1, limit_val_batches=0).fit(module, dm)
+    assert [w for w in caught if "module(s) in eval mode" in str(w.message)]

@@ -130,3 +130,17 @@ def test_a_list_of_teachers_from_the_command_line(two_teachers, tmp_path):
                            "--model.init_args.student.depth", "1", "--model.init_args.student.embed_dim", "32",
                            "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
     assert isinstance(cli.model.teacher, TeacherEnsemble) and cli.model.teacher.combine == "mean_probs"
+
+
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*")
+def test_resume_with_another_number_of_teachers_is_refused(two_teachers, trainer_factory, tmp_path):
+    a, b = (str(p) for p in two_teachers)
+    make = lambda teachers: DistillModule(StudentConfig(**TINY_STUDENT), teacher=teachers, warmup_epochs=0)  # noqa: E731
+    trainer = fit(make([a, b]), trainer_factory, max_steps=1, limit_val_batches=0)
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    for teachers, n in (([a], 1), ([a, b, a], 3)):
+        with pytest.raises(ValueError, match=rf"^model.teacher: the checkpoint was trained with 2 teachers but this "
+                                             rf"run has {n}; .*"):
+            trainer_factory(max_steps=2, limit_val_batches=0).fit(make(teachers), ImageDataModule(
+                "digits", img_size=8, batch_size=32), ckpt_path=path)
