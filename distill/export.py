@@ -111,7 +111,8 @@ def main(argv: list[str]) -> int:
         result = export_hf(args.checkpoint, args.out, args.head, license=args.license, dataset=args.dataset,
                            repo_id=args.repo, command=shlex.join(["distill", "export", *argv]),
                            wandb_link=args.wandb == "auto")
-        print(f"wrote {result.folder} (config.json, model.safetensors, README.md)")
+        files = ", ".join(sorted(p.name for p in result.folder.iterdir()))
+        print(f"wrote {result.folder} ({files})")
         print(f"check: {result.load} returns the checkpoint's logits, max |diff| {result.max_diff:.3g}; "
               f"timm's eval transform max |diff| {result.transform_diff}")
         if result.wandb:

@@ -146,7 +146,6 @@ def _recipe_summary(ex: _Exportable, run: dict[str, Any]) -> dict[str, Any]:
     out["AdamW lr"] = hp.get("lr")
     out["weight decay"] = hp.get("weight_decay")
     out["warm-up epochs"] = hp.get("warmup_epochs")
-    out["epochs trained"] = run.get("epoch")
     for key, label in (("ema_decay", "EMA decay"), ("layer_decay", "layer decay"), ("pretrained_from", "started from")):
         if hp.get(key):
             out[label] = hp[key]

@@ -117,7 +117,7 @@ def _lineage(facts: dict[str, Any]) -> str:
     for i, member in enumerate(members):
         which = "Teacher" if len(members) == 1 else f"Teacher {i}"
         run = f", W&B run `{member['run_id']}`" if member.get("run_id") else ""
-        out.append(f"- **{which}**: `{member.get('architecture')}`, weights sha256 `{member.get('sha256')}`, "
+        out.append(f"- **{which}**: `{member.get('architecture')}`, file sha256 `{member.get('sha256')}`, "
                    f"validation accuracy {_pct(member.get('val_acc'))}{run}")
     if len(members) > 1:
         out.append(f"- **Teachers combined** by {teacher.get('combine', 'mean_logits')}")
