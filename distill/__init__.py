@@ -26,6 +26,8 @@ _EXPORTS = {
     "TeacherEnsemble": "teacher_ensemble",
     "FeatureGuidanceConfig": "feature_guidance",
     "TeacherCacheConfig": "teacher_cache",
+    "export_hf": "hf_export",
+    "push": "hub",
 }
 
 __all__ = list(_EXPORTS)
@@ -48,6 +50,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .data import ImageDataModule
     from .feature_guidance import FeatureGuidanceConfig
+    from .hf_export import export_hf
+    from .hub import push
     from .frozen_teacher import FrozenTeacher
     from .losses import DistillationLoss, LossTerms
     from .models import build_student, build_teacher, model_meta, student_heads

@@ -2,7 +2,8 @@
 
     distill fit|validate|test|predict --config RECIPE.yaml [--dotted.overrides ...]   (LightningCLI)
     distill pipeline RECIPE_DIR [--out DIR] [--teacher_ckpt PATH] [--dotted.overrides ...]
-    distill export CKPT --format safetensors|onnx --head cls|dist|fused --out FILE
+    distill export CKPT --format safetensors|onnx|hf --head cls|dist|fused --out FILE_OR_DIR
+    distill push DIR --repo ORG/NAME [--private]
     distill attention CKPT IMAGE_OR_FOLDER... --out DIR
     distill predict CKPT IMAGE_OR_FOLDER... [--teacher CKPT] [--topk K] [--format table|json|csv]
 """
@@ -16,6 +17,7 @@ import sys
 TOOLS = {
     "pipeline": "distill.pipeline",
     "export": "distill.export",
+    "push": "distill.hub",
     "attention": "distill.attention_cli",
 }
 

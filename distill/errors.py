@@ -11,8 +11,9 @@ import sys
 from typing import Callable
 
 # Errors that come from what the user gave (a recipe field, a path, a file), not from a bug.
+# ConnectionError: no network where a command needs it (`distill push`), not a bug either.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, NotADirectoryError, PermissionError,
-               argparse.ArgumentError)
+               ConnectionError, argparse.ArgumentError)
 
 # jsonargparse explains a failed Union by listing every alternative it tried; only the real complaint
 # matters to the user.

@@ -1,4 +1,6 @@
-"""`distill export CKPT --format safetensors|onnx --head cls|dist|fused --out FILE`.
+"""`distill export CKPT --format safetensors|onnx --head cls|dist|fused --out FILE`, and
+`distill export CKPT --format hf [--head cls|dist|fused] --out DIR` (`distill.hf_export`: the folder
+timm and the Hugging Face Hub share models in, with a model card; students and teachers).
 
 The exported student is a plain timm model with one output:
 - safetensors: `timm.create_model(meta["timm_model"], **json.loads(meta["timm_kwargs"]))` then
@@ -84,13 +86,41 @@ def export(checkpoint: str, fmt: Literal["safetensors", "onnx"], head: Head, out
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="distill export", description="Export a student checkpoint as a plain model.")
-    parser.add_argument("checkpoint", help="student (step 2) checkpoint")
-    parser.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
-    parser.add_argument("--head", choices=["cls", "dist", "fused"], default="fused",
-                        help="which output the exported model returns (default: fused, as DeiT evaluates)")
-    parser.add_argument("--out", required=True, help="output file")
+    parser = argparse.ArgumentParser(prog="distill export", description=(
+        "Export a student checkpoint as a plain model (safetensors, onnx), or a student or teacher checkpoint "
+        "as a Hugging Face Hub / timm folder with a model card (hf)."))
+    parser.add_argument("checkpoint", help="student (step 2) checkpoint; for --format hf also a teacher (step 1) one")
+    parser.add_argument("--format", choices=["safetensors", "onnx", "hf"], default="safetensors",
+                        help="hf: a folder (config.json, model.safetensors, README.md) that "
+                             "timm.create_model('local-dir:DIR') and 'hf-hub:ORG/NAME' load")
+    parser.add_argument("--head", choices=["cls", "dist", "fused"], default=None,
+                        help="which output a student's export returns (default: fused, as DeiT evaluates)")
+    parser.add_argument("--out", required=True, help="output file (a folder for --format hf)")
+    hf = parser.add_argument_group("--format hf")
+    hf.add_argument("--license", default="apache-2.0", help="licence in the model card (a Hub licence id)")
+    hf.add_argument("--dataset", default=None, help="the data's name in the model card (default: the recipe's source)")
+    hf.add_argument("--repo", default=None, help="the Hub repository the card's load line names (distill push fills it in)")
+    hf.add_argument("--wandb", choices=["auto", "off"], default="auto",
+                    help="auto: log the folder as a model artifact of the W&B run that wrote the checkpoint, if any")
     args = parser.parse_args(argv)
+    if args.format == "hf":
+        import shlex
+
+        from .hf_export import export_hf
+
+        result = export_hf(args.checkpoint, args.out, args.head, license=args.license, dataset=args.dataset,
+                           repo_id=args.repo, command=shlex.join(["distill", "export", *argv]),
+                           wandb_link=args.wandb == "auto")
+        files = ", ".join(sorted(p.name for p in result.folder.iterdir()))
+        print(f"wrote {result.folder} ({files})")
+        print(f"check: {result.load} returns the checkpoint's logits, max |diff| {result.max_diff:.3g}; "
+              f"timm's eval transform max |diff| {result.transform_diff}")
+        if result.wandb:
+            print(result.wandb)
+        print(f"load: {result.load}")
+        print(f"push: distill push {result.folder} --repo ORG/NAME")
+        return 0
+    args.head = args.head or "fused"
     path = export(args.checkpoint, args.format, args.head, args.out)
     print(f"wrote {path} ({args.format}, head {args.head})")
     if args.format == "safetensors":

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_sources import is_source
 from .models import STUDENT_KIND, build_teacher, load_weights_file, model_meta, sha256_of
 
 
@@ -152,6 +153,8 @@ class FrozenTeacher(TeacherOutputs, nn.Module):
             return source
         if isinstance(source, nn.Module):
             return cls(source)
+        if is_source(source):
+            return cls.from_source(str(source), expected_sha256, field)
         path = Path(source).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"{field}: teacher checkpoint {str(path)!r} does not exist; train step 1 first or fix the path")
@@ -172,6 +175,31 @@ class FrozenTeacher(TeacherOutputs, nn.Module):
         run = obj.get("distill_run") or {}
         identity = dict(path=str(path), sha256=digest, run_id=run.get("wandb_id"), run_dir=run.get("run_dir"),
                         val_acc=(run.get("metrics") or {}).get("val/acc"), split=hp.get("data_split"))
+        return cls(network, identity)
+
+    @classmethod
+    def from_source(cls, name: str, expected_sha256: str | None = None, field: str = "model.teacher") -> "FrozenTeacher":
+        """From `hf-hub:ORG/NAME` or `local-dir:PATH` (`distill.model_sources`, e.g. a teacher written by
+        `distill export --format hf`): the network as saved there, identified by its weights file's
+        sha256 and the lineage its config.json records."""
+        from .model_sources import open_source
+
+        src = open_source(name, field)
+        digest = sha256_of(src.weights_file)
+        if expected_sha256 and digest != expected_sha256:
+            raise ValueError(
+                f"{field}: {name} has weights with sha256 {digest[:12]}... but this run was trained with "
+                f"{expected_sha256[:12]}...; the teacher changed since, restore it or start a new run"
+            )
+        if src.distill.get("kind") == STUDENT_KIND:
+            raise ValueError(f"{field}: {name} is an exported student; pass a teacher (step 1) export or checkpoint")
+        network = build_teacher(src.arch, src.num_classes, src.in_chans, class_names=src.class_names, mean=src.mean,
+                                std=src.std, img_size=src.img_size, pretrained=src.weights(field),
+                                pretrained_field=field, **src.arch_args)
+        record = src.distill
+        identity = dict(path=name, sha256=digest, run_id=(record.get("run") or {}).get("wandb_id"),
+                        run_dir=(record.get("run") or {}).get("run_dir"),
+                        val_acc=(record.get("metrics") or {}).get("val/acc"), split=record.get("data_split"))
         return cls(network, identity)
 
     # ------------------------------------------------------------------------------ the task

@@ -15,6 +15,7 @@ from torch import nn
 from timm.models.deit import VisionTransformerDistilled
 
 from . import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
+from .model_sources import is_source
 
 TEACHER_KIND = "teacher"
 STUDENT_KIND = "student"
@@ -149,6 +150,16 @@ def _pretrained_weights(pretrained: Any, name: str, field: str):
     return resolve(pretrained, name, field)
 
 
+def _open_source(name: str, pretrained: Any, pretrained_field: str, leaf: str):
+    """(config, weights) of an `hf-hub:`/`local-dir:` model name (`distill.model_sources`); the weights
+    are None for `pretrained: false`."""
+    from .model_sources import name_field_of, open_source, source_pretrained
+
+    name_field = name_field_of(pretrained_field, leaf)
+    src = open_source(name, name_field)
+    return src, source_pretrained(src, pretrained, name_field, pretrained_field)
+
+
 def _input_channels(name: str, state_dict: dict[str, torch.Tensor]) -> int | None:
     """Input channels of a plain state_dict: its first convolution's (timm's `first_conv` of the model,
     else the first 4-D weight)."""
@@ -163,7 +174,7 @@ def _input_channels(name: str, state_dict: dict[str, torch.Tensor]) -> int | Non
 def build_teacher(
     name: str,
     num_classes: int | None = None,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     checkpoint: str | os.PathLike | dict | None = None,
     *,
     class_names: Sequence[str] | None = None,
@@ -190,8 +201,14 @@ def build_teacher(
     the setting in error messages. A file from another library whose tensor names are not timm's:
     `pretrained_remap` (ordered `(regex, replacement)` rules) and/or `pretrained_match="order"` (pair
     the tensors in file order; every shape must line up), see `distill.pretrained`.
+
+    `name` may also be `hf-hub:ORG/NAME` or `local-dir:PATH` (`distill.model_sources`): the
+    architecture and arguments of that folder's config.json, its weights as `pretrained` (false: the
+    architecture alone), its classes, mean/std and input size for those not given. `in_chans` None:
+    the checkpoint's or the source's, else 3.
     """
     state_dict, hp = None, {}
+    recorded_eval: dict[str, Any] = {}
     if checkpoint is not None:
         obj = checkpoint if isinstance(checkpoint, dict) else load_weights_file(checkpoint)
         checkpoint = "<in-memory checkpoint>" if isinstance(checkpoint, dict) else checkpoint
@@ -214,6 +231,17 @@ def build_teacher(
                 head = [v for k, v in state_dict.items() if k.endswith(("fc.weight", "head.weight", "classifier.weight"))]
                 num_classes = int(head[-1].shape[0]) if head else None
             in_chans = _input_channels(name, state_dict) or in_chans
+    if is_source(name):  # after the checkpoint: a toolkit checkpoint names its own architecture
+        src, source_weights = _open_source(name, pretrained if checkpoint is None else False, pretrained_field, "model")
+        name, pretrained = src.arch, source_weights
+        timm_kwargs = {**src.arch_args, **timm_kwargs}
+        num_classes = num_classes or src.num_classes
+        if class_names is None and num_classes == src.num_classes:
+            class_names = src.class_names
+        in_chans, img_size = in_chans or src.in_chans, img_size or src.img_size
+        mean, std = mean or src.mean, std or src.std
+        recorded_eval = dict(crop_pct=src.crop_pct, interpolation=src.interpolation)
+    in_chans = in_chans or 3
     if num_classes is None:
         raise ValueError("build_teacher: num_classes is required (or a checkpoint of this toolkit that records it)")
     if checkpoint is not None and pretrained not in (None, False):
@@ -256,16 +284,17 @@ def build_teacher(
     model.distill_spec = dict(name=name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     # How a step-1 checkpoint's images were prepared (TeacherModule.setup records it; None in older ones:
     # the legacy resize): predict/export rebuild its eval transform, step 2 its input resize from it.
-    model.distill_eval = dict(crop_pct=hp.get("input_crop_pct"), interpolation=hp.get("input_interpolation"))
+    model.distill_eval = dict(crop_pct=hp.get("input_crop_pct", recorded_eval.get("crop_pct")),
+                              interpolation=hp.get("input_interpolation", recorded_eval.get("interpolation")))
     return model
 
 
 def build_student(
     name: str = "deit_tiny_distilled_patch16_224",
-    num_classes: int = 1000,
-    img_size: int = 224,
+    num_classes: int | None = None,
+    img_size: int | None = None,
     patch_size: int | None = None,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     embed_dim: int | None = None,
     depth: int | None = None,
     num_heads: int | None = None,
@@ -292,7 +321,23 @@ def build_student(
     `class_names`, the recorded class names) differ; the distillation token is kept, or new for
     plain ViT weights. Sizes a toolkit file records fill `embed_dim`/`depth`/`num_heads`/`patch_size`
     left as None. `pretrained_remap` / `pretrained_match`: as for `build_teacher`.
+
+    `name` may also be `hf-hub:ORG/NAME` or `local-dir:PATH` (`distill.model_sources`): the
+    architecture and sizes of that folder's config.json, its weights as `pretrained` (false: the
+    architecture alone), its classes and input for those left None (else 1000 classes, 224 px, 3
+    channels).
     """
+    if is_source(name):
+        src, pretrained = _open_source(name, pretrained, pretrained_field, "name")
+        name = src.arch
+        sizes = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        patch_size, embed_dim, depth, num_heads = (v if v is not None else src.arch_args.get(k) for k, v in sizes.items())
+        timm_kwargs = {**{k: v for k, v in src.arch_args.items() if k not in sizes}, **timm_kwargs}
+        num_classes = num_classes or src.num_classes
+        if class_names is None and num_classes == src.num_classes:
+            class_names = src.class_names
+        img_size, in_chans = img_size or src.img_size, in_chans or src.in_chans
+    num_classes, img_size, in_chans = num_classes or 1000, img_size or 224, in_chans or 3
     if distilled and "distilled" not in name:
         raise ValueError(
             f"student {name!r} has no distillation token; use a *_distilled_* model "

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .model_sources import is_source
+
 
 def shipped_recipes() -> Path:
     """The folder of the shipped recipes.
@@ -98,7 +100,7 @@ def run_pipeline(recipe: str, out: str | None = None, overrides: list[str] | Non
         summary["teacher"] = {"checkpoint": teacher_ckpt, "val/acc": metrics.get("val/acc"), "metrics": metrics,
                               "seconds": round(seconds, 1)}
     else:
-        if not Path(teacher_ckpt).is_file():
+        if not is_source(teacher_ckpt) and not Path(teacher_ckpt).is_file():
             raise FileNotFoundError(f"--teacher_ckpt {teacher_ckpt!r} does not exist")
         summary["teacher"] = {"checkpoint": str(teacher_ckpt), "val/acc": None, "skipped": True}
 
@@ -136,7 +138,8 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("recipe", help="recipe folder with teacher.yaml and student.yaml, or a shipped recipe name")
     parser.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
-    parser.add_argument("--teacher_ckpt", default=None, help="use this teacher checkpoint and skip step 1")
+    parser.add_argument("--teacher_ckpt", default=None,
+                        help="use this teacher (a checkpoint, local-dir:PATH or hf-hub:ORG/NAME) and skip step 1")
     args, overrides = parser.parse_known_args(argv)
     run_pipeline(args.recipe, args.out, overrides, args.teacher_ckpt)
     return 0

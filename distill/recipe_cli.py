@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import lightning as L
 import yaml
@@ -42,6 +42,9 @@ class WandbOptions:
         group: run group, e.g. one per pipeline.
         mode: online | offline | disabled; None = WANDB_MODE, else online with credentials and
             offline without (a run never fails or hangs for want of credentials or network).
+        log_model: log checkpoints as W&B model artifacts (Lightning's `WandbLogger(log_model=...)`):
+            true = the best and the last checkpoint when training ends, all = every checkpoint when it
+            is written, false = none. An offline run keeps them in its run folder until `wandb sync`.
     """
 
     project: str = "distill"
@@ -50,6 +53,7 @@ class WandbOptions:
     entity: str | None = None
     group: str | None = None
     mode: Literal["online", "offline", "disabled"] | None = None
+    log_model: Union[bool, Literal["all"]] = False
 
 
 def _wandb_mode(requested: str | None) -> str:
@@ -161,20 +165,20 @@ class DistillCLI(LightningCLI):
         # CSV first: trainer.log_dir (checkpoints, config.yaml, attention maps) is then the run folder itself.
         loggers: list = [CSVLogger(save_dir=str(root), name="", version="")]
         if config.get("logger") == "wandb":
-            from lightning.pytorch.loggers import WandbLogger
+            from .wandb_artifacts import ArtifactWandbLogger  # Lightning's, artifacts staged in the run folder
 
             opts = config["wandb"]
             opts = opts if isinstance(opts, dict) else vars(opts)
             resume_id = self._resume_wandb_id(config, root)
             kwargs = dict(project=opts.get("project"), name=opts.get("name"), tags=list(opts.get("tags") or []),
                           entity=opts.get("entity"), group=opts.get("group"), save_dir=str(root), id=resume_id,
-                          resume="allow" if resume_id else None)
+                          resume="allow" if resume_id else None, log_model=opts.get("log_model") or False)
             mode = _wandb_mode(opts.get("mode"))
             if mode == "online":
                 import wandb
 
                 kwargs["settings"] = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)))
-            logger = WandbLogger(mode=mode, **kwargs)
+            logger = ArtifactWandbLogger(mode=mode, **kwargs)
             if mode == "online":
                 # Connect now rather than in the middle of training, and fall back to offline when the
                 # server cannot be reached: a run never fails for want of network.
@@ -184,7 +188,7 @@ class DistillCLI(LightningCLI):
                     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     log.warning("W&B: cannot reach the server (%s): logging offline; `wandb sync` uploads later", reason)
                     finish_wandb()
-                    logger = WandbLogger(mode="offline", **kwargs)
+                    logger = ArtifactWandbLogger(mode="offline", **kwargs)
             loggers.append(logger)
         return loggers
 

@@ -15,6 +15,7 @@ from .feature_guidance import FeatureGuidance, FeatureGuidanceConfig, as_guidanc
 from .lineage import run_record
 from .losses import DistillationLoss
 from .metrics import EvaluationSteps, accuracy_metrics
+from .model_sources import is_source
 from .models import STUDENT_KIND, build_student, load_weights_file, model_meta, set_model_meta, student_heads
 from .optim import optimizer_config
 from .teacher_cache import CachedTeacher, TeacherCacheConfig, as_config as _cache_config
@@ -26,7 +27,9 @@ class StudentConfig:
     """The student ViT, as `distill.build_student` takes it. Fields left as None come from the data.
 
     Args:
-        name: timm model name; a `*_distilled_*` DeiT when `distilled` is true.
+        name: timm model name; a `*_distilled_*` DeiT when `distilled` is true. Or `hf-hub:ORG/NAME` /
+            `local-dir:PATH` (`distill.model_sources`): the architecture, sizes, weights (as
+            `pretrained`) and mean/std/size of that folder (e.g. a `distill export --format hf` output).
         num_classes: number of classes; None = the data's.
         img_size: input size; None = the data's.
         patch_size: patch side; None = the named model's (16 for DeiT).
@@ -288,6 +291,10 @@ class DistillModule(EvaluationSteps, L.LightningModule):
     def pretrained_input(self, in_chans: int) -> dict[str, Any] | None:
         """mean/std/img_size of the student's pretrained weights, for the datamodule's fields left unset."""
         cfg = self.student_config
+        if cfg is not None and is_source(cfg.name):
+            from .model_sources import source_input_config
+
+            return source_input_config(cfg.name, cfg.pretrained, in_chans, "model.student.name")
         if cfg is None or not cfg.pretrained:
             return None
         from .pretrained import input_config
@@ -445,6 +452,10 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             # the weights are in the checkpoint: reloading it needs no pretrained file
             hp["pretrained_from"] = hp["student"]["pretrained"]
             hp["student"] = {**hp["student"], "pretrained": None}
+        if isinstance(hp.get("student"), dict) and is_source(hp["student"].get("name")) and self.student is not None:
+            # the architecture the hf-hub:/local-dir: name resolved to: the checkpoint needs no folder
+            hp["pretrained_from"] = hp["student"]["name"]
+            hp["student"] = {**hp["student"], "name": self.student.distill_spec["name"]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is not in the checkpoint: it was reloaded from its file in __init__. Hand its

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .fault_tolerance import NonFiniteLossGuard, ResumeState
 from .lineage import run_record
 from .metrics import EvaluationSteps, accuracy_metrics
+from .model_sources import is_source
 from .models import TEACHER_KIND, build_teacher, model_meta
 from .optim import optimizer_config
 
@@ -22,7 +23,9 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
     rebuilds the model (`distill.build_teacher(name, checkpoint=path)`).
 
     Args:
-        model: timm model name, e.g. `cifar_resnet18`, `resnet50`, `regnety_160`.
+        model: timm model name, e.g. `cifar_resnet18`, `resnet50`, `regnety_160`; or `hf-hub:ORG/NAME` /
+            `local-dir:PATH` (`distill.model_sources`): the architecture, weights (as `pretrained`), and
+            mean/std/size of that folder (e.g. a `distill export --format hf` output).
         num_classes: number of classes; None = the data's.
         in_chans: input channels; None = the data's.
         class_names: class names in label order; None = the data's.
@@ -128,12 +131,12 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         if hp.num_classes is None:
             raise ValueError("TeacherModule: num_classes is unknown; pass it or train with a datamodule")
         self.model = build_teacher(
-            hp.model, hp.num_classes, hp.in_chans or 3, class_names=hp.class_names, mean=hp.input_mean,
+            hp.model, hp.num_classes, hp.in_chans, class_names=hp.class_names, mean=hp.input_mean,
             std=hp.input_std, img_size=hp.input_size, pretrained=hp.get("pretrained"),
             pretrained_field="model.pretrained", pretrained_remap=hp.get("pretrained_remap"),
             pretrained_match=hp.get("pretrained_match") or "name", **(hp.model_kwargs or {}),
         )
-        if hp.get("pretrained"):  # architecture arguments the weights file recorded rebuild it later
+        if hp.get("pretrained") or is_source(hp.model):  # architecture arguments the weights recorded rebuild it later
             spec = self.model.distill_spec
             hp.model_kwargs = {k: v for k, v in spec.items() if k not in ("name", "num_classes", "in_chans")} or None
         if hp.channels_last:
@@ -149,6 +152,10 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
 
     def pretrained_input(self, in_chans: int) -> dict[str, Any] | None:
         """mean/std/img_size of the pretrained weights, for the datamodule's fields left unset."""
+        if is_source(self.hparams.model):
+            from .model_sources import source_input_config
+
+            return source_input_config(self.hparams.model, self.hparams.get("pretrained"), in_chans, "model.model")
         from .pretrained import input_config
 
         return input_config(self.hparams.get("pretrained"), self.hparams.model, in_chans, "model.pretrained")
@@ -193,6 +200,8 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         hp = checkpoint.get("hyper_parameters") or {}
         if hp.get("pretrained"):  # the weights are in the checkpoint: reloading it needs no pretrained file
             hp["pretrained_from"], hp["pretrained"] = hp["pretrained"], None
+        if is_source(hp.get("model")) and self.model is not None:  # the architecture it resolved to, not the folder
+            hp["pretrained_from"], hp["model"] = hp["model"], self.model.distill_spec["name"]
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,0 +1,430 @@
+"""Sharing models the way timm users do, all without network (any connection off this machine fails
+the test): `distill export --format hf` (timm's save_for_hf folder + model card), `hf-hub:` and
+`local-dir:` model names (teacher, step-2 teacher, pretrained student), `distill push` up to the
+upload call, and W&B model artifacts read back from an offline run."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import TINY_STUDENT, make_trainer
+from PIL import Image
+
+from huggingface_hub import HfApi
+from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, TeacherModule
+from distill.hf_export import export_hf
+from distill.models import build_student, build_teacher, load_weights_file, sha256_of, student_heads
+from distill.student import load_student
+from distill.transforms import build_eval_transform, eval_spec_of
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_CREATE_REPO = HfApi.create_repo  # before any test replaces it
+X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))  # digits-shaped inputs
+
+
+# ------------------------------------------------------------------------------------- no network
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every connection off this machine fails (and is recorded); local ones (wandb-core's) go through.
+    A test that expects an attempt empties the list; any other attempt fails the test."""
+    attempts: list = []
+    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
+    local = ("127.0.0.1", "::1", "localhost", None)
+
+    def guarded_connect(self, address):
+        if self.family == socket.AF_UNIX or (address[0] if isinstance(address, tuple) else address) in local:
+            return connect(self, address)
+        attempts.append(address)
+        raise OSError(f"network disabled in tests (connect to {address})")
+
+    def guarded_getaddrinfo(host, *args, **kwargs):  # name lookups go off the machine too
+        if host in local or (isinstance(host, bytes) and host.decode() in local):
+            return getaddrinfo(host, *args, **kwargs)
+        attempts.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, f"network disabled in tests (look-up of {host})")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    yield attempts
+    assert attempts == [], f"unexpected network connections: {attempts}"
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().abs().max())
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_teacher_ckpt):
+    """A tiny student distilled for 3 steps from the tiny teacher, and hf exports of both: the
+    student with each head (cls through the CLI), the teacher."""
+    from distill.cli import main
+
+    root = tmp_path_factory.mktemp("hub")
+    L.seed_everything(0)
+    module = DistillModule(StudentConfig(**TINY_STUDENT), str(tiny_teacher_ckpt), DistillationLoss("hard"))
+    trainer = make_trainer(root / "student_run", max_epochs=1, limit_train_batches=3, limit_val_batches=2)
+    trainer.fit(module, ImageDataModule("digits", img_size=8, batch_size=32))
+    student_ckpt = root / "student.ckpt"
+    trainer.save_checkpoint(student_ckpt)
+    out = SimpleNamespace(root=root, student_ckpt=student_ckpt, teacher_ckpt=tiny_teacher_ckpt, student={})
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["export", str(student_ckpt), "--format", "hf", "--head", "cls", "--out", str(root / "cls"),
+                     "--dataset", "digits", "--license", "mit"]) == 0
+    out.cli_stdout = stdout.getvalue()
+    out.student["cls"] = root / "cls"
+    out.results = {}
+    for head in ("dist", "fused"):
+        out.results[head] = export_hf(student_ckpt, root / head, head, dataset="digits")
+        out.student[head] = root / head
+    out.results["teacher"] = export_hf(tiny_teacher_ckpt, root / "teacher", dataset="digits")
+    out.teacher = root / "teacher"
+    return out
+
+
+def _probe_image(mode: str, size=(13, 9)) -> Image.Image:
+    rng = np.random.default_rng(0)
+    shape = (size[1], size[0]) + (() if mode == "L" else (3,))
+    return Image.fromarray(rng.integers(0, 256, shape, np.uint8), mode)
+
+
+# ------------------------------------------------------------------------------------ export --format hf
+@pytest.mark.parametrize("head", ["cls", "dist", "fused"])
+def test_student_export_loads_in_timm_with_the_checkpoints_logits_and_transform(trained, head):
+    folder = trained.student[head]
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    student = load_student(trained.student_ckpt)
+    z_cls, z_dist = student_heads(student, X)
+    expected = {"cls": z_cls, "dist": z_dist, "fused": (z_cls + z_dist) / 2}[head]
+    with torch.no_grad():
+        diff = _max_diff(reloaded(X), expected)
+    print(f"student --head {head}: timm.create_model('local-dir:...') vs checkpoint, max |logit diff| {diff:.3g}")
+    assert diff < 1e-5
+    assert not torch.allclose(z_cls, z_dist)  # the heads differ, so the comparison tells them apart
+
+    cfg = json.loads((folder / "config.json").read_text())
+    spec = eval_spec_of(student)
+    hp = load_weights_file(trained.student_ckpt)["hyper_parameters"]
+    assert cfg["architecture"] == "deit_tiny_distilled_patch16_224" and cfg["num_classes"] == 10
+    assert cfg["label_names"] == hp["data"]["class_names"]
+    assert {k: cfg["model_args"][k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans")} == \
+        dict(patch_size=2, embed_dim=32, depth=1, num_heads=2, in_chans=1)
+    pcfg = cfg["pretrained_cfg"]
+    assert pcfg["mean"] == spec["mean"] and pcfg["std"] == spec["std"] and pcfg["input_size"] == [1, 8, 8]
+    assert pcfg["crop_pct"] == spec["crop_pct"] and pcfg["interpolation"] == spec["interpolation"]
+    assert "tag" not in pcfg  # timm's registry tag (fb_in1k) is not true of these weights
+    assert cfg["distill"]["head"] == head and cfg["distill"]["checkpoint"]["sha256"] == sha256_of(trained.student_ckpt)
+
+    data_cfg = timm.data.resolve_data_config(model=reloaded)
+    image = _probe_image("L")
+    theirs, ours = timm.data.create_transform(**data_cfg)(image), build_eval_transform(spec)(image)
+    assert theirs.shape == ours.shape == (1, 8, 8) and torch.equal(theirs, ours)
+
+
+def test_cli_export_prints_the_check_and_the_load_line(trained):
+    out = trained.cli_stdout
+    folder = trained.student["cls"]
+    assert f'load: timm.create_model("local-dir:{folder}", pretrained=True)' in out
+    assert "max |diff| 0" in out and f"push: distill push {folder} --repo ORG/NAME" in out
+
+
+def test_teacher_export_and_a_legacy_stretching_transform(trained, tmp_path):
+    reloaded = timm.create_model(f"local-dir:{trained.teacher}", pretrained=True).eval()
+    teacher = build_teacher("cifar_resnet10", checkpoint=trained.teacher_ckpt).eval()
+    with torch.no_grad():
+        diff = _max_diff(reloaded(X), teacher(X))
+    print(f"teacher: timm.create_model('local-dir:...') vs checkpoint, max |logit diff| {diff:.3g}")
+    assert diff < 1e-5 and trained.results["teacher"].max_diff == diff
+
+    # A checkpoint from before crop_pct was recorded was validated with a stretching Resize((s, s)):
+    # exported as timm's `squash` crop, which is that same transform on a non-square image.
+    obj = torch.load(trained.teacher_ckpt, map_location="cpu", weights_only=True)
+    for key in ("input_crop_pct", "input_interpolation"):
+        obj["hyper_parameters"].pop(key)
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(obj, legacy)
+    export_hf(legacy, tmp_path / "legacy", wandb_link=False)
+    cfg = json.loads((tmp_path / "legacy" / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["crop_mode"] == "squash"
+    model = timm.create_model(f"local-dir:{tmp_path / 'legacy'}", pretrained=True)
+    image = _probe_image("L", (20, 8))
+    spec = dict(img_size=8, crop_pct=None, interpolation="bilinear", mean=cfg["mean"], std=cfg["std"], in_chans=1)
+    theirs = timm.data.create_transform(**timm.data.resolve_data_config(model=model))(image)
+    assert torch.allclose(theirs, build_eval_transform(spec)(image), atol=1e-6)
+
+
+def test_model_card_is_hub_yaml_with_lineage_accuracies_and_command(trained):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained.student["cls"] / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "timm" and data["license"] == "mit" and data["datasets"] == ["digits"]
+    assert {"image-classification", "knowledge-distillation"} <= set(data["tags"]) and data["metrics"] == ["accuracy"]
+    obj = load_weights_file(trained.student_ckpt)
+    teacher, metrics = obj["distill_teacher"], obj["distill_run"]["metrics"]
+    text = card.text
+    assert teacher["sha256"] in text and "`cifar_resnet10`" in text
+    for label, key in (("class token", "val/acc_cls"), ("distillation token", "val/acc_dist"),
+                       ("fused (`--head fused`", "val/acc"), ("agreement with the teacher", "val/agreement")):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label}"))
+        assert f"{100 * metrics[key]:.2f}%" in row, row
+    params = sum(p.numel() for p in load_student(trained.student_ckpt).parameters())
+    assert f"{params:,} parameters" in text
+    assert f"distill export {trained.student_ckpt} --format hf --head cls --out {trained.student['cls']}" in text
+    assert "hf-hub:ORG/NAME" in text and "class-token head alone" in text
+
+
+def test_export_writes_nothing_when_refused_or_when_the_check_fails(trained, tmp_path, monkeypatch):
+    import distill.hf_export as hf_export
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an earlier export"):
+        export_hf(trained.student_ckpt, taken)
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="a teacher has one head"):
+        export_hf(trained.teacher_ckpt, tmp_path / "t", "cls")
+    monkeypatch.setattr(hf_export, "MAX_LOGIT_DIFF", -1.0)  # any reload now "differs"
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        export_hf(trained.student_ckpt, tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no folder, no temporary left
+
+
+# ------------------------------------------------------------------------ hf-hub: / local-dir: sources
+def test_round_trip_local_dir_as_step2_teacher_and_as_pretrained_student(trained, tmp_path):
+    # (a) the exported teacher teaches step 2 through `local-dir:`: the same logits as its checkpoint
+    source = f"local-dir:{trained.teacher}"
+    L.seed_everything(0)
+    module = DistillModule(StudentConfig(**TINY_STUDENT), source, DistillationLoss("hard"))
+    original = build_teacher("cifar_resnet10", checkpoint=trained.teacher_ckpt).eval()
+    diff = _max_diff(module.teacher(X), original(X))
+    print(f"local-dir teacher in step 2 vs its checkpoint: max |logit diff| {diff:.3g}")
+    assert diff < 1e-5
+    trainer = make_trainer(tmp_path / "a", max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, ImageDataModule("digits", img_size=8, batch_size=32))  # same split: accepted
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    hp = load_weights_file(tmp_path / "a.ckpt")["hyper_parameters"]
+    assert hp["teacher"] == source and hp["teacher_sha256"] == sha256_of(trained.teacher / "model.safetensors")
+    again = DistillModule.load_from_checkpoint(tmp_path / "a.ckpt")  # the teacher reloads from the folder
+    assert _max_diff(again.teacher(X), original(X)) < 1e-5
+
+    # (b) the exported student (fused: both heads as trained) starts a student on another dataset:
+    # 3 classes, RGB, 16 px; sizes from config.json, heads new, patch embedding and positions adapted
+    L.seed_everything(0)
+    data = ImageDataModule("synthetic", img_size=16, batch_size=8, num_samples=48, num_classes_synthetic=3,
+                           in_chans_synthetic=3)
+    module = DistillModule(StudentConfig(f"local-dir:{trained.student['fused']}", drop_path_rate=0.0),
+                           loss=DistillationLoss("none"))
+    trainer = make_trainer(tmp_path / "b", max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, data)
+    report = module.student.pretrained_report
+    assert "head/head_dist new (3 classes, the weights have 10)" in report and "pos_embed 1x18x32->1x66x32" in report
+    exported = timm.create_model(f"local-dir:{trained.student['fused']}", pretrained=True)
+    assert data.mean == pytest.approx([exported.pretrained_cfg["mean"][0]] * 3)  # the data follows the weights
+    trainer.save_checkpoint(tmp_path / "b.ckpt")
+    moved = trained.root / "fused_moved"
+    trained.student["fused"].rename(moved)  # the checkpoint is self-contained: no folder needed to reload it
+    try:
+        hp = load_weights_file(tmp_path / "b.ckpt")["hyper_parameters"]
+        assert hp["student"]["name"] == "deit_tiny_distilled_patch16_224" and hp["student"]["embed_dim"] == 32
+        assert hp["pretrained_from"] == f"local-dir:{trained.student['fused']}"
+        assert load_student(tmp_path / "b.ckpt").num_classes == 3
+    finally:
+        moved.rename(trained.student["fused"])
+
+
+def test_teacher_module_fine_tunes_from_local_dir_and_its_checkpoint_stands_alone(trained, tmp_path):
+    module = TeacherModule(f"local-dir:{trained.teacher}", lr=1e-3)
+    data = ImageDataModule("synthetic", img_size=12, batch_size=8, num_samples=32, num_classes_synthetic=4,
+                           in_chans_synthetic=3)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(module, data)
+    assert "head.fc new (4 classes, the weights have 10)" in module.model.pretrained_report
+    trainer.save_checkpoint(tmp_path / "t.ckpt")
+    hp = load_weights_file(tmp_path / "t.ckpt")["hyper_parameters"]
+    assert hp["model"] == "cifar_resnet10" and hp["model_kwargs"]["base_width"] == 8
+    net = build_teacher("ignored", checkpoint=tmp_path / "t.ckpt")
+    assert net.num_classes == 4 and _max_diff(net(torch.zeros(1, 3, 12, 12)), module.model(torch.zeros(1, 3, 12, 12))) == 0
+
+
+def test_a_source_with_a_weights_file_as_well_is_refused(trained):
+    with pytest.raises(ValueError, match=r"model\.student\.pretrained: .* brings its own weights"):
+        build_student(f"local-dir:{trained.student['fused']}", pretrained=str(trained.student_ckpt),
+                      pretrained_field="model.student.pretrained")
+    net = build_student(f"local-dir:{trained.student['fused']}", pretrained=False)  # the architecture alone
+    assert net.embed_dim == 32 and not hasattr(net, "pretrained_report")
+    with pytest.raises(FileNotFoundError, match=r"model: local-dir:/nowhere: '/nowhere' is not a folder"):
+        build_teacher("local-dir:/nowhere")
+
+
+def _fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """The layout huggingface_hub keeps a downloaded repository in (refs/main -> snapshots/<commit>/)."""
+    commit = "0" * 40
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+
+
+def test_hf_hub_names_read_the_cache_offline_and_fail_fast_without_it(trained, tmp_path, monkeypatch, no_network):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    _fake_hub_cache(tmp_path, "someone/digits-student", trained.student["dist"])
+    student = build_student("hf-hub:someone/digits-student", drop_path_rate=0.0).eval()
+    expected = student_heads(load_student(trained.student_ckpt), X)[1]
+    diff = _max_diff(student(X), expected)  # the export's dist head: the fused output is that head
+    print(f"hf-hub (cache) student vs checkpoint dist head: max |logit diff| {diff:.3g}")
+    assert diff < 1e-5
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert _max_diff(timm.create_model("hf-hub:someone/digits-student", pretrained=True).eval()(X), expected) < 1e-5
+
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        build_teacher("hf-hub:someone/not-here")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(FileNotFoundError, match="the Hub cannot be reached") as err:
+        build_student("hf-hub:someone/not-here", pretrained_field="model.student.pretrained")
+    assert "\n" not in str(err.value) and str(err.value).startswith("model.student.name: hf-hub:someone/not-here")
+    assert time.perf_counter() - start < 5  # no 20 s of huggingface_hub retries
+    assert len(no_network) == 1  # one probe connection, refused
+    no_network.clear()
+
+
+# ------------------------------------------------------------------------------------------ push
+@pytest.fixture
+def hub_api(monkeypatch):
+    """HfApi.create_repo / upload_folder recorded instead of sent."""
+    from huggingface_hub import HfApi, RepoUrl
+
+    calls: list = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def _push(*args: str) -> tuple[int, str]:
+    from distill.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["push", *args])
+    return code, err.getvalue()
+
+
+def test_push_without_token_or_network_says_so_in_one_line_and_sends_nothing(trained, tmp_path, monkeypatch,
+                                                                            hub_api, no_network):
+    from huggingface_hub import constants
+
+    folder = tmp_path / "export"
+    shutil.copytree(trained.student["fused"], folder)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    code, err = _push(str(folder), "--repo", "me/digits")
+    assert code == 2 and err.count("\n") == 1 and "no Hugging Face token" in err
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    code, err = _push(str(folder), "--repo", "me/digits")
+    assert code == 2 and err.count("\n") == 1 and "the Hugging Face Hub cannot be reached" in err
+    assert len(no_network) == 1
+    no_network.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, err = _push(str(folder), "--repo", "me/digits")
+    assert code == 2 and "HF_HUB_OFFLINE is set" in err
+    code, err = _push(str(folder), "--repo", "not a repo")
+    assert code == 2 and "is not a Hub repository id" in err
+    (folder / "model.safetensors").unlink()
+    code, err = _push(str(folder), "--repo", "me/digits")
+    assert code == 2 and "has no model.safetensors" in err
+    assert hub_api == [] and no_network == []  # nothing was sent
+
+
+def test_push_creates_the_repo_then_uploads_the_folder_in_one_commit(trained, tmp_path, monkeypatch, hub_api,
+                                                                     no_network):
+    import distill.model_sources as sources
+    from distill.hub import push
+
+    folder = tmp_path / "export"
+    shutil.copytree(trained.student["fused"], folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(sources, "hub_reachable", lambda: (True, ""))
+    url = push(folder, "me/digits-student", private=True)
+    assert url == "https://huggingface.co/me/digits-student"
+    (c_name, c_repo, c_kw), (u_name, u_repo, u_kw) = hub_api
+    assert (c_name, c_repo, c_kw["private"], c_kw["exist_ok"]) == ("create_repo", "me/digits-student", True, True)
+    assert (u_name, u_repo, Path(u_kw["folder_path"])) == ("upload_folder", "me/digits-student", folder)
+    card = (folder / "README.md").read_text()
+    assert 'timm.create_model("hf-hub:me/digits-student", pretrained=True)' in card and "ORG/NAME" not in card
+
+    # the real create_repo, with the network gone after the reachability check: one line, no upload
+    from huggingface_hub import HfApi
+
+    hub_api.clear()
+    monkeypatch.setattr(HfApi, "create_repo", REAL_CREATE_REPO)
+    with pytest.raises(ConnectionError, match="the upload to me/digits-student failed .* all or nothing"):
+        push(folder, "me/digits-student")
+    assert hub_api == [] and no_network  # it tried to connect, and uploaded nothing
+    no_network.clear()
+
+
+# ------------------------------------------------------------------------------------------- W&B
+def test_wandb_log_model_and_export_artifacts_in_the_offline_run_folder(tmp_path, monkeypatch):
+    from distill.cli import main
+    from helpers.wandb_records import finish_and_flush, read_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    root = tmp_path / "run"
+    assert main(["fit", "--config", str(REPO / "recipes/digits/teacher.yaml"), "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+                 "--model.init_args.model", "cifar_resnet10", "--model.init_args.model_kwargs", "{base_width: 8}",
+                 "--logger", "wandb", "--wandb.log_model", "true"]) == 0
+    best = next((root / "checkpoints").glob("best-*.ckpt"))
+    run_id = load_weights_file(best)["distill_run"]["wandb_id"]
+    result = export_hf(best, tmp_path / "export", dataset="digits")
+    assert result.wandb and run_id in result.wandb
+    finish_and_flush()
+
+    def artifacts(run_dir: Path) -> list:
+        (file,) = run_dir.glob("*.wandb")
+        return [r.artifact for r in read_records(file) if r.WhichOneof("record_type") == "artifact"]
+
+    first, continued = sorted((root / "wandb").glob(f"offline-run-*-{run_id}"))
+    ckpts = artifacts(first)  # log_model true: the best and the last checkpoint, when training ended
+    assert {a.name for a in ckpts} == {f"model-{run_id}"} and all(a.type == "model" for a in ckpts)
+    best_art = next(a for a in ckpts if "best" in a.aliases)
+    (entry,) = best_art.manifest.contents
+    staged = Path(entry.local_path)
+    assert entry.path == "model.ckpt" and root / "wandb" in staged.parents  # kept with the run, not in ~/.local
+    assert staged.read_bytes() == best.read_bytes()
+    (export,) = artifacts(continued)  # the export, logged to the same run id
+    assert export.name == f"hf-model-{run_id}" and export.run_id == run_id and export.type == "model"
+    assert {e.path for e in export.manifest.contents} == {"config.json", "model.safetensors", "README.md", "recipe.yaml"}
+    assert f"W&B run**: `{run_id}`" in (tmp_path / "export" / "README.md").read_text()
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["distill"]["run"]["wandb_id"] == run_id
