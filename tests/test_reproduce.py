@@ -92,12 +92,16 @@ def test_every_variant_resolves_to_its_method(variant):
     loss = loss.get("init_args", loss)
     expected = {"none": ("none", False), "soft": ("soft", False), "hard": ("hard", False), "token": ("hard", True),
                 "dkd": ("dkd", True), "dist": ("dist", True), "ls": ("soft", True), "lg": ("hard", True),
-                "lg_dkd": ("dkd", True)}[variant]
+                "lg_dkd": ("dkd", True), "token_soft": ("soft", True), "fm": ("soft", False), "none_mix": ("none", False)}[variant]
     assert (loss["mode"], init["student"]["distilled"]) == expected
     assert bool(loss.get("standardize")) == (variant == "ls")
     assert (init.get("feature_guidance") is not None) == (variant in reproduce.GUIDED)
     if variant == "soft":
         assert loss["kl_reduction"] == "deit" and loss["tau"] == 3.0 and loss["alpha"] == 0.1  # DeiT's soft
+    mixed = (config["data"]["mixup"], config["data"]["cutmix"]) == (0.8, 1.0)
+    assert mixed == (variant in ("fm", "none_mix"))
+    if variant == "fm":  # Beyer et al.'s function matching: KL at tau 1 alone, on the live teacher's mixed images
+        assert (loss["tau"], loss["alpha"], init["teacher_cache"]) == (1.0, 1.0, None)
 
 
 @pytest.mark.slow

@@ -15,8 +15,15 @@ Trains the teacher once, then the same student under each variant over N seeds:
     lg          token (hard) plus feature guidance from the CNN (Li et al. 2022); the pairs of student
                 blocks and teacher layers come from the recipe folder's `guidance.yaml`
     lg_dkd      lg with DKD instead of hard distillation on the distillation head
+    token_soft  DeiT's distillation token with the soft term (KL at tau 1, alpha 0.5), per head
+    fm          function matching (Beyer et al., CVPR 2022: "a good teacher is patient and consistent"):
+                no token, KL at tau 1 to the live teacher on the very mixed image the student sees
+                (mixup 0.8 / cutmix 1.0 on top of the recipe's crops, teacher cache off), no
+                ground-truth term (alpha 1); meant for long schedules
+    none_mix    no distillation with the same mixup/cutmix as fm (its fair baseline)
 
     python tools/reproduce.py recipes/digits --seeds 3 --out results/digits
+    python tools/reproduce.py RECIPE --teacher_ckpt TEACHER.ckpt ...   # students of a given teacher (no step 1)
 
 writes OUT/results.json (every run), OUT/results.md (mean +- std per variant, teacher accuracy, hardware,
 run time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
@@ -58,6 +65,8 @@ from study_plot import bar_chart  # noqa: E402
 TOKEN = ["--model.init_args.student.distilled", "true"]
 NO_TOKEN = ["--model.init_args.student.distilled", "false"]
 LOSS = "--model.init_args.loss."
+MIXED = ["--data.mixup", "0.8", "--data.cutmix", "1.0"]  # DeiT's mixup and cutmix, one of them per batch
+NO_CACHE = "--model.init_args.teacher_cache=null"  # a mixed image's logits are not the mix of the logits: live teacher
 VARIANTS = {
     "none": [*NO_TOKEN, LOSS + "mode", "none"],
     "soft": [*NO_TOKEN, LOSS + "mode", "soft", LOSS + "tau", "3.0", LOSS + "alpha", "0.1", LOSS + "kl_reduction", "deit"],
@@ -70,6 +79,9 @@ VARIANTS = {
     "lg": [*TOKEN, LOSS + "mode", "hard", LOSS + "alpha", "0.5"],
     "lg_dkd": [*TOKEN, LOSS + "mode", "dkd", LOSS + "tau", "4.0", LOSS + "alpha", "0.5", LOSS + "dkd_alpha", "1.0",
                LOSS + "dkd_beta", "8.0"],
+    "token_soft": [*TOKEN, LOSS + "mode", "soft", LOSS + "tau", "1.0", LOSS + "alpha", "0.5"],
+    "fm": [*NO_TOKEN, LOSS + "mode", "soft", LOSS + "tau", "1.0", LOSS + "alpha", "1.0", *MIXED, NO_CACHE],
+    "none_mix": [*NO_TOKEN, LOSS + "mode", "none", *MIXED],
 }
 GUIDED = {"lg", "lg_dkd"}  # read RECIPE/guidance.yaml
 DEIT_VARIANTS = ["none", "soft", "hard", "token"]
@@ -86,8 +98,13 @@ ROWS = [
     ("token + KL on standardised logits, fused", "ls", "val/acc"),
     ("token + feature guidance (hard), fused", "lg", "val/acc"),
     ("token + feature guidance + DKD, fused", "lg_dkd", "val/acc"),
+    ("distillation token, soft (tau 1): class head", "token_soft", "val/acc_cls"),
+    ("distillation token, soft (tau 1): distillation head", "token_soft", "val/acc_dist"),
+    ("distillation token, soft (tau 1): both heads fused", "token_soft", "val/acc"),
+    ("no distillation, mixup/cutmix", "none_mix", "val/acc"),
+    ("function matching (KL at tau 1 only, mixup/cutmix, live teacher), no token", "fm", "val/acc"),
 ]
-SHORT = {"none": "no\ndistillation", "soft": "soft (tau 3)\nno token", "hard": "hard\nno token", "dkd": "token\n+DKD",
+SHORT = {"none_mix": "none\n+mixup", "fm": "function\nmatching", "none": "no\ndistillation", "soft": "soft (tau 3)\nno token", "hard": "hard\nno token", "dkd": "token\n+DKD",
          "dist": "token\n+DIST", "ls": "token\n+LS", "lg": "token\n+guidance", "lg_dkd": "token+guid.\n+DKD"}
 
 
@@ -129,11 +146,13 @@ def table(runs: list[dict], variants: list[str]) -> list[dict]:
 
 
 def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides: list[str], command: str,
-              save=None, previous: dict | None = None, score: str = "best", finished=None) -> dict:
+              save=None, previous: dict | None = None, score: str = "best", finished=None,
+              teacher_ckpt: str | None = None) -> dict:
     """Runs what `previous` (an earlier results.json of the same study) does not hold yet; `save(results)`
     is called after the teacher and after every student run, so an interrupted study loses one run.
     `finished()`, when given, returns the runs saved by other processes sharing the study; they are
-    skipped. Runs of another teacher (another sha256 of its checkpoint) never count."""
+    skipped. Runs of another teacher (another sha256 of its checkpoint) never count. `teacher_ckpt`: the
+    students learn from this step-1 checkpoint (e.g. the teacher of another study) and no teacher is trained."""
     recipe_dir = resolve_recipe(recipe)
     steps = split_overrides(overrides)
     previous = previous or {}
@@ -151,7 +170,11 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
         if save is not None:
             save(results)
 
+    if teacher_ckpt is not None:
+        results["teacher"] = given_teacher(teacher_ckpt, results["teacher"])
     teacher_sha = current_sha(results["teacher"])
+    if teacher_sha is None and teacher_ckpt is not None:
+        raise FileNotFoundError(f"--teacher_ckpt {teacher_ckpt!r} does not exist")
     if teacher_sha is None:
         claim = out / "teacher.running"
         if not claim_run(claim):
@@ -207,6 +230,21 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
     checkpoint()
     results["held"] = [h for h in held if not any(h.startswith(f"{v}-seed{s} ") for v, s in done())]
     return results
+
+
+def given_teacher(path: str, recorded: dict | None) -> dict:
+    """The study's teacher entry for a step-1 checkpoint given with --teacher_ckpt: its accuracy is the
+    last validation its checkpoint records; a resumed study whose teacher file changed since starts over."""
+    path = str(Path(path).resolve())
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--teacher_ckpt {path!r} does not exist; train step 1 first or fix the path")
+    sha = sha256_of(path)
+    if recorded and recorded.get("checkpoint") == path and recorded.get("sha256") == sha:
+        return recorded
+    run = torch.load(path, map_location="cpu", weights_only=True).get("distill_run") or {}
+    metrics = dict(run.get("metrics") or {})
+    return {"checkpoint": path, "sha256": sha, "val/acc": metrics.get("val/acc"), "seconds": 0.0, "metrics": metrics,
+            "given": True}
 
 
 def current_sha(teacher: dict | None) -> str | None:
@@ -338,6 +376,15 @@ def merge(on_disk: dict | None, results: dict, seconds_since_last_save: float) -
             "table": table(runs, list(VARIANTS))}
 
 
+def teacher_in_step2(runs: list[dict]) -> str:
+    """The teacher's accuracy as the students' runs measured it (its step-2 input), when they did."""
+    seen = sorted({round(r["metrics"]["val/acc_teacher"], 6) for r in runs if "val/acc_teacher" in r.get("metrics", {})})
+    if not seen:
+        return ""
+    return f" (in step 2, on the students' input: {seen[0]:.4f})" if len(seen) == 1 else \
+        f" (in step 2, on the students' input: {seen[0]:.4f}-{seen[-1]:.4f})"
+
+
 def write_markdown(results: dict, path: Path) -> None:
     lines = [
         f"<!-- regenerate: {results['command']} -->",
@@ -345,7 +392,9 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         f"Hardware: {results['hardware']}; run time {results['seconds'] / 60:.1f} min for the whole study, summed "
         f"over the processes that shared it "
-        f"(teacher {results['teacher']['seconds']:.0f} s). Teacher val accuracy: {results['teacher']['val/acc']:.4f}.",
+        + (f"(the teacher was given with --teacher_ckpt: {results['teacher']['checkpoint']}). "
+           if results["teacher"].get("given") else f"(teacher {results['teacher']['seconds']:.0f} s). ")
+        + f"Teacher val accuracy: {results['teacher']['val/acc']:.4f}{teacher_in_step2(results['runs'])}.",
         "",
         "| variant | val top-1 (mean +- std) | seeds |",
         "| --- | --- | --- |",
@@ -365,9 +414,11 @@ def write_markdown(results: dict, path: Path) -> None:
 
 def write_plot(results: dict, path: Path) -> None:
     palette = {"none": "#999999", "soft": "#6baed6", "hard": "#3182bd", "token": "#fd8d3c", "dkd": "#74c476",
-               "dist": "#31a354", "ls": "#9e9ac8", "lg": "#e6550d", "lg_dkd": "#a63603"}
+               "dist": "#31a354", "ls": "#9e9ac8", "lg": "#e6550d", "lg_dkd": "#a63603", "token_soft": "#fdae6b", "fm": "#756bb1",
+               "none_mix": "#636363"}
     rows = results["table"]
-    labels = ["token:\n" + r["row"].split(": ")[1] if r["variant"] == "token" else SHORT[r["variant"]] for r in rows]
+    labels = [("token:\n" if r["variant"] == "token" else "soft token:\n") + r["row"].split(": ")[1]
+              if r["variant"] in ("token", "token_soft") else SHORT[r["variant"]] for r in rows]
     bar_chart(path, rows, labels, [palette[r["variant"]] for r in rows],
               f"Distillation variants, {Path(results['recipe']).name} ({results['hardware'].split(' (')[0]})",
               teacher=results["teacher"]["val/acc"])
@@ -379,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEIT_VARIANTS,
                         help=f"default: DeiT's ablation ({' '.join(DEIT_VARIANTS)})")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--teacher_ckpt", default=None,
+                        help="students learn from this step-1 checkpoint; no teacher is trained (e.g. a second "
+                             "study of the same teacher)")
     parser.add_argument("--out", default=None, help="output folder (default results/<recipe name>)")
     parser.add_argument("--score", choices=["best", "last"], default="best",
                         help="score each run by its best checkpoint by val/acc (as the pipeline does) or by its last "
@@ -414,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads(path.read_text())["runs"] if path.is_file() else []
 
     results = run_study(args.recipe, args.variants, args.seeds, out / "runs", overrides, command, save=save,
-                        previous=previous, score=args.score, finished=finished)
+                        previous=previous, score=args.score, finished=finished, teacher_ckpt=args.teacher_ckpt)
     print((out / "results.md").read_text())
     if results["held"]:
         print(f"study incomplete: {len(results['held'])} run(s) held by other live workers: {', '.join(results['held'])}; "
