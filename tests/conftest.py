@@ -62,6 +62,18 @@ def make_trainer(root: str | os.PathLike, **kwargs) -> L.Trainer:
 
 
 @pytest.fixture
+def compile_without_inductor():
+    """torch.compile through dynamo and AOT autograd only, without inductor's C++ code generation (which
+    takes minutes on a 2-core CPU): what a compiled CPU test needs to check graphs and recompiles."""
+    config = torch._dynamo.config
+    if not hasattr(config, "debug_backend_override"):  # older torch: inductor it is
+        yield
+        return
+    with config.patch(debug_backend_override=">=0:aot_eager"):
+        yield
+
+
+@pytest.fixture
 def trainer_factory(tmp_path):
     """`trainer_factory(**overrides)` -> a quiet CPU Trainer rooted in this test's tmp_path."""
     return functools.partial(make_trainer, tmp_path)

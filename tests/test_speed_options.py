@@ -47,13 +47,12 @@ def test_teacher_kept_in_bfloat16():
     assert 0.0 <= float(trainer.callback_metrics["val/acc_teacher"]) <= 1.0
 
 
-def test_teacher_module_compiles_its_cnn_once_for_training_and_once_for_evaluation(trainer_factory, monkeypatch):
+def test_teacher_module_compiles_its_cnn_once_for_training_and_once_for_evaluation(trainer_factory,
+                                                                                   compile_without_inductor):
     from torch._dynamo.utils import counters
 
     from distill import TeacherModule
 
-    if hasattr(torch._dynamo.config, "debug_backend_override"):  # dynamo and AOT autograd, without inductor's C++
-        monkeypatch.setattr(torch._dynamo.config, "debug_backend_override", ">=0:aot_eager")
     torch._dynamo.reset()
     counters.clear()
     module = TeacherModule("cifar_resnet10", model_kwargs={"base_width": 8}, channels_last=True, compile=True)
