@@ -304,7 +304,7 @@ def _one_line(message: str | None) -> str:
 
 def _bench_section(results: dict) -> list[str]:
     lines = []
-    for name, flag in (("bench_step", ""), ("bench_step_compiled", " --compile")):
+    for name, flag in (("bench_step", ""), ("bench_step_compiled", " --compile-student")):
         r = results.get(name) or {}
         if not r.get("img_per_s"):
             continue
