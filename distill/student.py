@@ -163,6 +163,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         self.guidance: FeatureGuidance | None = None
 
         self.teacher = load_teachers(teacher, teacher_sha256, teacher_model, teacher_combine)
+        self.register_load_state_dict_pre_hook(_teacher_weights_from_file)
         path, sha = teacher_files(self.teacher)
         self.hparams["teacher"] = path
         if sha is not None and (not isinstance(sha, list) or any(sha)):
@@ -218,6 +219,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         return None not in (cfg.num_classes, cfg.img_size, cfg.in_chans)
 
     def setup(self, stage: str) -> None:
+        self._keep_teacher_out_of_fsdp()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
@@ -229,6 +231,26 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         self.hparams["data"] = dict(class_names=list(dm.class_names), **dm.eval_spec)
         if self.teacher is not None:
             self.teacher.adapt_to(dm.mean, dm.std, dm.in_chans)
+
+    def _keep_teacher_out_of_fsdp(self) -> None:
+        """Under `strategy: fsdp` the frozen teacher stays a whole, unsharded module on every device:
+        it goes to FSDP's `ignored_modules` (Lightning wraps the module after `setup`), so it is never
+        flattened with the student (FSDP refuses a flat parameter mixing frozen and trained weights)
+        nor gathered every step; FSDP leaves ignored modules where they are, so it moves here.
+        `use_orig_params` (unless the strategy says otherwise) keeps the student's own parameters, which
+        `configure_optimizers` hands to AdamW in weight-decay groups."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDPStrategy):
+            return
+        strategy.kwargs.setdefault("use_orig_params", True)
+        if self.teacher is None:
+            return
+        ignored = list(strategy.kwargs.get("ignored_modules") or ())
+        if not any(m is self.teacher for m in ignored):
+            strategy.kwargs["ignored_modules"] = [*ignored, self.teacher]
+        self.teacher.to(strategy.root_device)
 
     def _check_classes(self, dm) -> None:
         n, names = dm.num_classes, list(dm.class_names)
@@ -484,6 +506,15 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.student is None:  # a checkpoint of a module whose student is built lazily
             self.configure_model()
+
+
+def _teacher_weights_from_file(module: DistillModule, state_dict: dict, prefix: str, *args) -> None:
+    """A student state_dict (checkpoints hold no teacher weights) loads strictly into a DistillModule:
+    the teacher's keys are filled in with the weights it was reloaded with. `on_load_checkpoint` does
+    this for a plain resume; FSDP loads the checkpoint's state_dict before any hook of the module runs."""
+    if module.teacher is not None:
+        for key, value in module.teacher.state_dict().items():
+            state_dict.setdefault(f"{prefix}teacher.{key}", value)
 
 
 def load_student(checkpoint: str | os.PathLike) -> nn.Module:

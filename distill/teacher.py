@@ -45,6 +45,9 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
             lr_reference_batch (DeiT: lr 5e-4, reference 512). None = `lr` as given.
         label_smoothing: label smoothing of the cross-entropy.
         channels_last: run the CNN in channels_last memory format (faster convolutions on GPU).
+        compile: `torch.compile` the CNN (in place when fitting starts: checkpoint keys unchanged).
+            Training and evaluation each compile once when every batch has the same size (data.drop_last,
+            and a validation set that the batch size divides).
         pretrained: start from pretrained weights (`distill.pretrained`): true = timm's weights of
             `model` (local cache, else download), a file (safetensors, .pth/.bin, a step-1 checkpoint), or
             `pkg:MODULE`, the weights file an installed package ships (e.g.
@@ -80,6 +83,7 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
         lr_reference_batch: int | None = None,
         label_smoothing: float = 0.1,
         channels_last: bool = False,
+        compile: bool = False,
         pretrained: bool | str | None = None,
         pretrained_remap: list[tuple[str, str]] | None = None,
         pretrained_match: Literal["name", "order"] = "name",
@@ -180,6 +184,9 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
             m.update(logits, y)
 
     def on_fit_start(self) -> None:
+        if self.hparams.get("compile") and not getattr(self, "_compiled", False):
+            self._compiled = True
+            self.model.compile()
         # The task fields were filled from the data in setup(); loggers only saw the initial None values.
         resolved = {k: self.hparams[k] for k in ("num_classes", "in_chans", "class_names", "input_mean", "input_std",
                                                  "input_size")}

@@ -34,6 +34,17 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:.*LeafSpec.*")
 
 
+def pytest_collection_modifyitems(config, items):
+    # `gpu` tests need CUDA: skipped elsewhere, so CI on a CPU machine stays green (tools/gpu_check.sh
+    # runs them on a GPU machine with `pytest -m gpu`).
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (a gpu test; tools/gpu_check.sh runs these on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_trainer(root: str | os.PathLike, **kwargs) -> L.Trainer:
     """A quiet single-CPU Trainer writing under `root`; keyword arguments override the defaults."""
     options = dict(
@@ -48,6 +59,18 @@ def make_trainer(root: str | os.PathLike, **kwargs) -> L.Trainer:
     )
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+@pytest.fixture
+def compile_without_inductor():
+    """torch.compile through dynamo and AOT autograd only, without inductor's C++ code generation (which
+    takes minutes on a 2-core CPU): what a compiled CPU test needs to check graphs and recompiles."""
+    config = torch._dynamo.config
+    if not hasattr(config, "debug_backend_override"):  # older torch: inductor it is
+        yield
+        return
+    with config.patch(debug_backend_override=">=0:aot_eager"):
+        yield
 
 
 @pytest.fixture

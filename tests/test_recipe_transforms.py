@@ -214,7 +214,10 @@ def fit_recipe(recipe: Path, args: list[str], root: Path) -> Path:
 
 
 @pytest.mark.parametrize("folder", RECIPE_DIRS, ids=lambda p: p.name)
-def test_every_recipe_trains_a_few_steps_through_its_real_transforms(folder, tiny_rgb_folder, tmp_path):
+def test_every_recipe_trains_a_few_steps_through_its_real_transforms(folder, tiny_rgb_folder, tmp_path,
+                                                                      compile_without_inductor):
+    # a recipe that compiles (cifar10_budget) goes through dynamo and AOT autograd here, without inductor's C++
+    # code generation (two minutes on a 2-core CPU for two steps); tests/test_gpu.py compiles with inductor
     data = ["--data.source", "imagefolder", "--data.root", str(tiny_rgb_folder)]
     teacher = fit_recipe(folder / "teacher.yaml", [*CPU_TINY, *data, *TINY_TEACHER], tmp_path / "teacher")
     for student in sorted(folder.glob("student*.yaml")):

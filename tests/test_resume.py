@@ -25,7 +25,9 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 def distill_fit(*args: str, root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers"), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    # the helpers first, then whatever the environment already puts on the path (a GPU machine's carried wheels)
+    path = os.pathsep.join(p for p in (str(REPO / "tests" / "helpers"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "distill.cli", "fit", *args, "--trainer.default_root_dir", str(root)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
 

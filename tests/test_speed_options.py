@@ -45,3 +45,21 @@ def test_teacher_kept_in_bfloat16():
     assert all(p.dtype == torch.float32 for p in module.student.parameters())
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert 0.0 <= float(trainer.callback_metrics["val/acc_teacher"]) <= 1.0
+
+
+def test_teacher_module_compiles_its_cnn_once_for_training_and_once_for_evaluation(trainer_factory,
+                                                                                   compile_without_inductor):
+    from torch._dynamo.utils import counters
+
+    from distill import TeacherModule
+
+    torch._dynamo.reset()
+    counters.clear()
+    module = TeacherModule("cifar_resnet10", model_kwargs={"base_width": 8}, channels_last=True, compile=True)
+    dm = ImageDataModule("synthetic", img_size=8, batch_size=16, num_samples=160, in_chans_synthetic=1)
+    trainer = trainer_factory(max_epochs=2, limit_val_batches=2)
+    trainer.fit(module, dm)
+    assert trainer.global_step == 16
+    # 16 training steps and 4 validation batches: the training graph, then one recompile for eval mode
+    assert counters["stats"]["unique_graphs"] == 2 and sum(counters["recompiles"].values()) <= 1
+    assert not any(k.startswith("_orig_mod") for k in module.state_dict())  # checkpoint keys unchanged

@@ -576,3 +576,40 @@ def test_the_eval_mode_warning_still_names_other_modules_of_the_student_module(t
         warnings.simplefilter("always")
         trainer_factory(max_steps=1, limit_val_batches=0).fit(module, dm)
     assert [w for w in caught if "module(s) in eval mode" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------ FSDP glue
+def _student_and_teacher(seed: int) -> DistillModule:
+    torch.manual_seed(seed)
+    teacher = build_teacher("cifar_resnet10", 10, in_chans=1, img_size=8, base_width=8)
+    torch.manual_seed(seed + 100)
+    student = build_student(num_classes=10, img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    return DistillModule(student, teacher)
+
+
+def test_a_student_state_dict_loads_strictly_with_the_teachers_weights_kept():
+    """What FSDP hands a resumed module: the checkpoint's state_dict, which holds no teacher weights."""
+    trained, fresh = _student_and_teacher(0), _student_and_teacher(1)
+    fresh.teacher.load_state_dict(trained.teacher.state_dict())  # the same teacher file, reloaded
+    teacher_before = snapshot(fresh.teacher)
+    student_only = {k: v for k, v in trained.state_dict().items() if not k.startswith("teacher.")}
+    fresh.load_state_dict(student_only, strict=True)
+    assert_same_state(snapshot(fresh.student), snapshot(trained.student))
+    assert_same_state(snapshot(fresh.teacher), teacher_before)
+    with pytest.raises(RuntimeError, match="Missing key"):  # a missing student weight still fails
+        fresh.load_state_dict({k: v for k, v in student_only.items() if "head_dist" not in k}, strict=True)
+
+
+def test_fsdp_strategy_ignores_the_teacher_and_keeps_the_students_parameters():
+    """Lightning wraps the module in FSDP after `setup`; FSDP itself needs a GPU (tests/test_gpu.py fits)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = _student_and_teacher(0)
+    strategy = FSDPStrategy(parallel_devices=[torch.device("cpu")])
+    module._trainer = SimpleNamespace(strategy=strategy)
+    module.setup("fit")
+    module.setup("validate")  # setup runs once per stage: the teacher is listed once
+    assert strategy.kwargs["ignored_modules"] == [module.teacher] and strategy.kwargs["use_orig_params"] is True
+    module._trainer = None

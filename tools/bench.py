@@ -11,6 +11,8 @@ models, batch, precision and device, alternating rounds in one process.
     python tools/bench.py --preset gpu --json results/bench_gpu.json
     # one H100/H200: a CIFAR-10 epoch (50,000 images) from the on-device dataset
     python tools/bench.py --mode epoch --preset cifar-epoch --json results/bench_gpu_epoch.json
+    # ... on the real CIFAR-10 JPEG files (an ImageFolder tree, e.g. from tools/prepare_cifar10.py), compiled
+    python tools/bench.py --mode epoch --data-root data/cifar10-jpeg --compile --configs student,live
 
 Step mode measures, per round (median img/s over the timed steps of all rounds):
   lightning   DistillModule.training_step under `lightning.Trainer` (live teacher); timed from one
@@ -497,6 +499,7 @@ def _run_epoch_bench(
     configs: tuple[str, ...] = ("student", "live", "cached"),
     json_path: str | os.PathLike | None = None,
     quiet: bool = False,
+    num_workers: int | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     from distill.device_data import DeviceImageLoader
@@ -509,13 +512,17 @@ def _run_epoch_bench(
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|in eval mode|LeafSpec|GPU available|"
                                               r"IterableDataset|train_dataloader).*")
+    unknown = set(configs) - {"student", "live", "cached"}
+    if unknown or not configs:
+        raise ValueError(f"--configs {','.join(configs)}: choose among student, live, cached")
     n, S, C = int(num_images or cfg.get("num_images", 50_000)), cfg["img_size"], cfg["num_classes"]
+    decode_seconds = None
     if data_root:
-        from torchvision.datasets import CIFAR10
-
-        ds = CIFAR10(data_root, train=True, download=False)
-        images = torch.from_numpy(ds.data[:n]).permute(0, 3, 1, 2).contiguous()
-        targets = torch.tensor(ds.targets[:n])
+        t0 = time.perf_counter()
+        images, targets = _decode_training_images(Path(data_root), n, S, num_workers)
+        decode_seconds = time.perf_counter() - t0
+        n = len(targets)
+        log(f"  decoded {n} training images of {data_root} in {decode_seconds:.1f} s")
     else:
         g = torch.Generator().manual_seed(cfg["seed"])
         images = torch.randint(0, 256, (n, 3, S, S), generator=g, dtype=torch.uint8)
@@ -523,10 +530,12 @@ def _run_epoch_bench(
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     autocast, sync = _autocast(dev, cfg["precision"]), _sync(dev)
     student, teacher = _models(cfg, dev)
-    result: dict[str, Any] = dict(mode="epoch", config=cfg | dict(num_images=n, epochs=epochs, data_root=data_root),
+    result: dict[str, Any] = dict(mode="epoch", config=cfg | dict(num_images=n, epochs=epochs, data_root=data_root,
+                                                                  configs=list(configs)),
                                   device=_device_name(dev), versions=dict(torch=torch.__version__,
                                                                           lightning=L.__version__),
-                                  epoch_seconds={}, img_per_s={})
+                                  decode_seconds=decode_seconds, epoch_seconds={}, img_per_s={},
+                                  first_epoch_seconds={})
     for name in configs:
         keyed = name == "cached"
         loader = DeviceImageLoader(images, targets, cfg["batch"], mean, std, train=True, crop="pad", hflip=0.5,
@@ -553,6 +562,7 @@ def _run_epoch_bench(
         trainer.fit(module, train_dataloaders=loader)
         sec = timer.seconds[-1]
         result["epoch_seconds"][name] = sec
+        result["first_epoch_seconds"][name] = timer.seconds[0]  # with compilation and warm-up
         result["img_per_s"][name] = len(loader) * cfg["batch"] / sec
         log(f"  {name:8s} epoch of {len(loader) * cfg['batch']} images: {sec:.2f} s "
             f"({result['img_per_s'][name]:.0f} img/s)")
@@ -560,6 +570,37 @@ def _run_epoch_bench(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
+
+
+def _decode_training_images(root: Path, n: int, img_size: int, num_workers: int | None):
+    """The first `n` training images (all classes, spread evenly) of a CIFAR-10 folder as uint8
+    `(N, 3, S, S)` and labels: an ImageFolder tree (`root/train/<class>/*.jpg`, the shared JPEG set) or
+    torchvision's CIFAR-10 batches (`root/cifar-10-batches-py`)."""
+    from distill.device_data import decode_uint8
+
+    if not (root / "train").is_dir():
+        from torchvision.datasets import CIFAR10
+
+        ds = CIFAR10(str(root), train=True, download=False)
+        order = _spread(len(ds.targets), n)
+        return torch.from_numpy(ds.data[order]).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)[order]
+    from torchvision import transforms as T
+
+    from distill.data import ImageFolderDataset
+
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    ds = ImageFolderDataset(root / "train", classes, "RGB", T.Compose([T.Resize(img_size), T.CenterCrop(img_size),
+                                                                      T.PILToTensor()]))
+    if n < len(ds):
+        order = _spread(len(ds), n)
+        ds.samples = [ds.samples[int(i)] for i in order]
+        ds.targets = [ds.targets[int(i)] for i in order]
+    return decode_uint8(ds, num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers)
+
+
+def _spread(total: int, n: int) -> np.ndarray:
+    """`n` indices spread evenly over `total` (every class of a class-sorted folder), in order."""
+    return np.unique(np.linspace(0, total - 1, num=min(n, total)).round().astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -594,6 +635,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="true/false (default: true on CUDA)")
     p.add_argument("--cache-topk", type=_none_or_int, default=unset, help="classes stored per view (none = all)")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher (both sides)")
+    p.add_argument("--compile-student", action="store_true",
+                   help="torch.compile the student only (both sides): the compiled student's MFU without the "
+                        "minutes a large teacher takes to compile")
     p.add_argument("--no-cache", action="store_true", help="skip the teacher-cache measurement")
     p.add_argument("--no-parts", action="store_true", help="skip teacher-alone and student-alone measurements")
     p.add_argument("--warmup", type=int, default=3)
@@ -605,16 +649,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "processes on the machine; isolates per-step host overhead)")
     p.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s of the device in this precision, for MFU")
     p.add_argument("--num-images", type=int, help="epoch mode: images per epoch (default 50,000)")
-    p.add_argument("--data-root", help="epoch mode: torchvision CIFAR-10 folder (default: random uint8 images)")
+    p.add_argument("--data-root", help="epoch mode: CIFAR-10 as an ImageFolder tree (root/train/<class>/*.jpg, "
+                                       "the shared JPEG set) or torchvision's folder (default: random uint8 images)")
     p.add_argument("--epochs", type=int, default=2, help="epoch mode: epochs run (the last is timed)")
+    p.add_argument("--configs", default="student,live,cached",
+                   help="epoch mode: comma-separated, among student (no teacher term), live (live teacher), "
+                        "cached (teacher cache)")
+    p.add_argument("--num-workers", type=int, help="epoch mode: processes decoding the JPEG files (once)")
     p.add_argument("--json", dest="json_path")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in vars(a).items() if k in OVERRIDES}
-    if a.compile:
-        overrides.update(compile_student=True, compile_teacher=True)
+    if a.compile or a.compile_student:
+        overrides.update(compile_student=True, compile_teacher=a.compile)
     if a.mode == "epoch":
         return run_epoch_bench(preset=a.preset or "cifar-epoch", device=a.device, num_images=a.num_images,
                                data_root=a.data_root, epochs=a.epochs, json_path=a.json_path, threads=a.threads,
+                               configs=tuple(c for c in a.configs.split(",") if c), num_workers=a.num_workers,
                                **overrides)
     return run_bench(preset=a.preset, device=a.device, warmup=a.warmup, steps=a.steps, rounds=a.rounds,
                      parts=not a.no_parts, cache=not a.no_cache, peak_tflops=a.peak_tflops, threads=a.threads,

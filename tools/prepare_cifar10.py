@@ -2,6 +2,7 @@
 
     python tools/prepare_cifar10.py                      # ../shared/data/cifar10-jpeg -> data/
     python tools/prepare_cifar10.py --archives DIR --out data --per-class 500
+    python tools/prepare_cifar10.py --out /tmp/d --max-per-class 20   # a rehearsal: 200 + 200 images
 
 writes
     data/cifar10-jpeg/{train,test}/<class>/NNNN.jpg     the archives as they are (50,000 + 6,000 images)
@@ -10,7 +11,8 @@ writes
                                                         as hard links (no copies)
 for `recipes/cifar10` (`--data.root data/cifar10-jpeg`) and `recipes/cifar10_small`. The archives are
 checked against the sha256 sums of their README before anything is unpacked; a tree that is already
-complete is left as it is.
+complete is left as it is. `--max-per-class N` unpacks only the first N images of each class and split
+(a rehearsal's few hundred images, read from the start of each archive).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ ARCHIVES = {
     "cifar10-test.tar.gz": "f54bfc767aac94d52e005079818bfc9dced694e4f35e543ab82fa80e9d5b4929",
 }
 COUNTS = {"train": 50_000, "test": 6_000}
+NUM_CLASSES = 10
 DEFAULT_ARCHIVES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg"
 
 
@@ -42,11 +45,26 @@ def count_images(folder: Path) -> int:
     return sum(1 for _ in folder.glob("*/*.jpg")) if folder.is_dir() else 0
 
 
-def unpack(archives: Path, out: Path) -> Path:
+def _first_per_class(tar: tarfile.TarFile, limit: int):
+    """The archive's first `limit` image members of each class, reading no further than needed."""
+    taken: dict[str, int] = {}
+    for member in tar:
+        parts = member.name.split("/")
+        if not member.isfile() or len(parts) != 3 or not parts[2].endswith(".jpg"):
+            continue
+        if taken.get(parts[1], 0) < limit:
+            taken[parts[1]] = taken.get(parts[1], 0) + 1
+            yield member
+        if len(taken) == NUM_CLASSES and all(n >= limit for n in taken.values()):
+            return
+
+
+def unpack(archives: Path, out: Path, max_per_class: int | None = None) -> Path:
     full = out / "cifar10-jpeg"
     for name, digest in ARCHIVES.items():
         split = name.split("-")[1].split(".")[0]
-        if count_images(full / split) == COUNTS[split]:
+        expected = COUNTS[split] if max_per_class is None else min(COUNTS[split], NUM_CLASSES * max_per_class)
+        if count_images(full / split) == expected:
             continue
         path = archives / name
         if not path.is_file():
@@ -54,10 +72,11 @@ def unpack(archives: Path, out: Path) -> Path:
         if sha256(path) != digest:
             raise ValueError(f"--archives: {path} has another sha256 than its README says; the file is damaged")
         with tarfile.open(path) as tar:
-            tar.extractall(full, filter="data")
-        if count_images(full / split) != COUNTS[split]:
+            members = None if max_per_class is None else _first_per_class(tar, max_per_class)
+            tar.extractall(full, members=members, filter="data")
+        if count_images(full / split) != expected:
             raise ValueError(f"{full / split} holds {count_images(full / split)} images after unpacking, "
-                             f"expected {COUNTS[split]}")
+                             f"expected {expected}")
     return full
 
 
@@ -82,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archives", type=Path, default=DEFAULT_ARCHIVES, help="folder with the two .tar.gz archives")
     parser.add_argument("--out", type=Path, default=Path("data"), help="where the trees go (git-ignored data/)")
     parser.add_argument("--per-class", type=int, default=500, help="training images per class of cifar10-small")
+    parser.add_argument("--max-per-class", type=int, default=None,
+                        help="unpack only the first N images of each class and split (default: all)")
     args = parser.parse_args(argv)
-    full = unpack(args.archives, args.out)
+    if args.max_per_class is not None and args.max_per_class < 1:
+        parser.error(f"--max-per-class {args.max_per_class}: give a positive number of images")
+    full = unpack(args.archives, args.out, args.max_per_class)
     small = small_subset(full, args.out, args.per_class)
     print(f"{full}: {count_images(full / 'train')} train, {count_images(full / 'test')} test images")
     print(f"{small}: {count_images(small / 'train')} train, {count_images(small / 'test')} test images")
