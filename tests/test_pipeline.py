@@ -249,3 +249,24 @@ def test_wandb_without_network_falls_back_to_offline(tmp_path, monkeypatch):
     assert code == 0
     assert len(list((root / "wandb").glob("offline-run-*"))) == 1
     assert (root / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_run_step_scores_by_the_last_checkpoint_when_asked(tmp_path, monkeypatch):
+    """`run_step(score="last")` (tools/reproduce.py --score last): the last checkpoint and its metrics,
+    not the best one, here a checkpoint chosen at epoch 0 by a monitored value that peaks there."""
+    import csv
+
+    from distill.pipeline import run_step
+
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
+    root = tmp_path / "run"
+    args = [*TINY[:10], "--trainer.max_epochs", "2", "--model.init_args.model", "cifar_resnet10",
+            "--model.init_args.model_kwargs", '{"base_width": 8}', "--checkpoint.monitor", "val/probe_peak",
+            "--trainer.callbacks", '[{"class_path": "probes.PeakAtFirstEpoch"}]']
+    ckpt, metrics, _ = run_step(REPO / "recipes/digits/teacher.yaml", args, root, score="last")
+    assert ckpt == str(root / "checkpoints" / "last.ckpt")
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 1
+    rows = [r for r in csv.DictReader(open(root / "metrics.csv")) if r.get("val/acc")]
+    epoch1 = [float(r["val/acc"]) for r in rows if r["epoch"] == "1"]
+    assert metrics["val/acc"] == pytest.approx(epoch1[0], abs=1e-6)  # the last epoch's weights, validated again

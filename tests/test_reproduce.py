@@ -79,24 +79,45 @@ def test_study_resumes_and_runs_the_new_variants(tmp_path):
     assert {row["variant"]: row["n"] for row in second["table"]} == {"none": 2, "lg": 2}
 
 
+# Each variant's whole loss configuration, as the module docstring (and the README) state it, on top of the
+# digits student recipe (hard, alpha 0.5): every field of DistillationLoss, not only the mode.
+LOSS_DEFAULTS = dict(mode="hard", alpha=0.5, tau=1.0, kl_reduction="batchmean", label_smoothing=0.0, standardize=False,
+                     dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=0, dist_beta=1.0, dist_gamma=1.0)
+VARIANT_LOSS = {
+    "none": dict(mode="none"),
+    "soft": dict(mode="soft", tau=3.0, alpha=0.1, kl_reduction="deit"),  # DeiT's soft distillation
+    "hard": dict(mode="hard", alpha=0.5),
+    "token": dict(mode="hard", alpha=0.5),
+    "dkd": dict(mode="dkd", tau=4.0, alpha=0.5, dkd_alpha=1.0, dkd_beta=8.0),  # TCKD 1, NCKD 8
+    "dist": dict(mode="dist", tau=4.0, alpha=0.5, dist_beta=1.0, dist_gamma=1.0),
+    "ls": dict(mode="soft", standardize=True, tau=2.0, alpha=0.9),
+    "lg": dict(mode="hard", alpha=0.5),
+    "lg_dkd": dict(mode="dkd", tau=4.0, alpha=0.5, dkd_alpha=1.0, dkd_beta=8.0),
+}
+VARIANT_TOKEN = {"none": False, "soft": False, "hard": False}  # every other variant has the distillation token
+
+
 @pytest.mark.parametrize("variant", sorted(reproduce.VARIANTS))
 def test_every_variant_resolves_to_its_method(variant):
+    from distill import DistillationLoss
     from distill.cli import DistillCLI
 
+    assert set(VARIANT_LOSS) == set(reproduce.VARIANTS)
     recipe = REPO / "recipes/digits"
     extra = reproduce.guidance_args(recipe) if variant in reproduce.GUIDED else []
     config = DistillCLI.parse_recipe(["--config", str(recipe / "student.yaml"), *extra, *reproduce.VARIANTS[variant]])
     init = config["model"]["init_args"]
     loss = init["loss"] if isinstance(init["loss"], dict) else vars(init["loss"])
-    loss = loss.get("init_args", loss)
-    expected = {"none": ("none", False), "soft": ("soft", False), "hard": ("hard", False), "token": ("hard", True),
-                "dkd": ("dkd", True), "dist": ("dist", True), "ls": ("soft", True), "lg": ("hard", True),
-                "lg_dkd": ("dkd", True)}[variant]
-    assert (loss["mode"], init["student"]["distilled"]) == expected
-    assert bool(loss.get("standardize")) == (variant == "ls")
-    assert (init.get("feature_guidance") is not None) == (variant in reproduce.GUIDED)
-    if variant == "soft":
-        assert loss["kl_reduction"] == "deit" and loss["tau"] == 3.0 and loss["alpha"] == 0.1  # DeiT's soft
+    loss = dict(vars(loss["init_args"]) if "init_args" in loss else loss)
+    assert loss == {**LOSS_DEFAULTS, **VARIANT_LOSS[variant]}
+    assert DistillationLoss(**loss).config() == loss  # a valid loss, built as the module builds it
+    assert init["student"]["distilled"] == VARIANT_TOKEN.get(variant, True)
+    guidance = init.get("feature_guidance")
+    if variant in reproduce.GUIDED:  # the recipe folder's guidance.yaml, as written there
+        assert vars(guidance) == dict(student_blocks=[0, 1, 2], teacher_layers=["stages.0", "stages.1", "stages.2"],
+                                      weight=2.5)
+    else:
+        assert guidance is None
 
 
 @pytest.mark.slow
@@ -125,12 +146,15 @@ def test_pipeline_seeds_last_epoch_leaves_out_the_revalidation_of_the_chosen_che
     assert tool.last_epoch_acc(tmp_path) == 0.6
 
 
-def fake_study(tmp_path, monkeypatch, trained: list):
-    """run_study with a stand-in for training (each run returns at once), to test how workers share a study."""
+def fake_study(tmp_path, monkeypatch, trained: list, scores: dict | None = None):
+    """run_study with a stand-in for training (each run returns at once), to test how workers share a study.
+    `scores`, when given, gets each run's `score` argument by run folder name."""
     def run_step(config, args, root, score):
         root.mkdir(parents=True, exist_ok=True)
         name = root.name
         trained.append(name)
+        if scores is not None:
+            scores[name] = score
         return str(root / "last.ckpt"), {"val/acc": 0.5, "val/acc_cls": 0.5, "val/acc_dist": 0.5}, 1.0
 
     monkeypatch.setattr(reproduce, "run_step", run_step)
@@ -195,3 +219,50 @@ def test_two_workers_saving_keep_each_others_runs_and_add_their_time(tmp_path, m
     # The study: 5 s from before + 50 s of worker 1 + 20 s of worker 2 (overlapping, as two processes would)
     assert results["seconds"] == pytest.approx(5.0 + 50 + 20)
     assert "summed over the processes" in (out / "results.md").read_text()
+
+
+def test_score_last_scores_every_run_by_its_last_checkpoint_and_says_so(tmp_path, monkeypatch):
+    trained, scores = [], {}
+    fake_study(tmp_path, monkeypatch, trained, scores)  # no results.json: the teacher is trained too
+    out = tmp_path / "study"
+    args = [str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "1", "--variants", "none", "token"]
+    assert reproduce.main([*args, "--score", "last"]) == 0
+    assert scores == {"teacher": "last", "none-seed0": "last", "token-seed0": "last"}
+    assert json.loads((out / "results.json").read_text())["score"] == "last"
+    md = (out / "results.md").read_text()
+    assert "scored with its last checkpoint" in md and "best checkpoint" not in md
+
+
+def test_a_study_scored_otherwise_is_not_resumed(tmp_path, monkeypatch):
+    trained = []
+    previous = fake_study(tmp_path, monkeypatch, trained)
+    out = tmp_path / "study"
+    (out / "results.json").write_text(json.dumps({**previous, "command": "c", "hardware": "h", "score": "best"}))
+    args = [str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "1", "--variants", "none"]
+    with pytest.raises(ValueError, match="--score last: the study being resumed scored its runs by their best "
+                                         "checkpoint; use the same --score or another --out"):
+        reproduce.main([*args, "--score", "last"])
+    assert trained == []  # refused before anything ran
+    assert reproduce.main(args) == 0 and trained == ["none-seed0"]  # the same score resumes
+
+
+def test_the_teacher_is_trained_by_one_worker_only(tmp_path, monkeypatch):
+    """A study without a teacher: a worker that finds teacher.running held by a live process stops (its
+    students would need that teacher); a claim whose process died is taken over and released after."""
+    import subprocess
+    import sys
+
+    trained = []
+    fake_study(tmp_path, monkeypatch, trained)
+    runs = tmp_path / "study" / "runs"
+    runs.mkdir()
+    claim = runs / "teacher.running"
+    claim.write_text(str(os.getpid()))  # a live process (this one stands in for it) trains the teacher
+    with pytest.raises(RuntimeError, match=f"process {os.getpid()} is training this study's teacher"):
+        reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 1, runs, [], "cmd")
+    assert trained == [] and claim.read_text() == str(os.getpid())  # nothing trained, the claim left alone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim.write_text(dead.stdout.strip())
+    results = reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 1, runs, [], "cmd")
+    assert trained == ["teacher", "none-seed0"] and not claim.exists()
+    assert results["teacher"]["checkpoint"] == str(runs / "teacher" / "last.ckpt")
