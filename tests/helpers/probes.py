@@ -98,3 +98,33 @@ class PeakAtFirstEpoch(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             pl_module.log("val/probe_peak", 1.0 / (1 + trainer.current_epoch))
+
+
+class LossInputs(L.Callback):
+    """In-process probe of a `DistillModule`'s loss: at every training step, what `pl_module.loss` was
+    called with (student output, teacher logits, target) and returned (`LossTerms`), and the batch the
+    step got (x, y and, with keyed views, the keys), all detached copies, one entry per step."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple] = []
+        self.calls: list[dict] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def detached(v):
+            if isinstance(v, (tuple, list)):
+                items = [detached(t) for t in v]
+                return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)  # LossTerms: a NamedTuple
+            return v.detach().clone() if torch.is_tensor(v) else v
+
+        def before(_module, args):
+            self.calls.append({"student": detached(args[0]), "teacher": detached(args[1]), "target": detached(args[2])})
+
+        def after(_module, _args, out):
+            self.calls[-1]["terms"] = detached(out)
+
+        pl_module.loss.register_forward_pre_hook(before)
+        pl_module.loss.register_forward_hook(after)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        x, y = batch[0].detach().clone(), batch[1].detach().clone()
+        self.batches.append((x, y, np.array(batch[2])) if len(batch) == 3 else (x, y))
