@@ -10,6 +10,7 @@ config, the transfer recipe end to end.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -321,23 +322,37 @@ def test_cli_offline_mode_exit_code_2(folder3, tmp_path):
 
 # ------------------------------------------------------------------------------------- bad input
 def test_bad_pretrained_files_are_one_line_errors(weights, tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrained weights .*nope.pth.* do not exist"):
+    def one_line(error, match: str) -> str:
+        message = str(error.value)
+        assert "\n" not in message and message.strip() == message, message
+        assert re.search(match, message), message
+        return message
+
+    with pytest.raises(FileNotFoundError) as e:
         build_teacher("cifar_resnet10", 3, pretrained=tmp_path / "nope.pth")
-    with pytest.raises(ValueError, match=r"holds a cifar_resnet10, not a resnet18"):
+    one_line(e, "pretrained weights .*nope.pth.* do not exist")
+    with pytest.raises(ValueError) as e:
         build_teacher("resnet18", 3, pretrained=weights["teacher"]["step1"])
-    with pytest.raises(ValueError, match=r"does not fit resnet18: \d+ weights are not in the file"):
+    one_line(e, r"holds a cifar_resnet10, not a resnet18")
+    with pytest.raises(ValueError) as e:
         build_teacher("resnet18", 3, pretrained=weights["teacher"]["pth"])
-    with pytest.raises(ValueError, match=r"does not fit deit_tiny_distilled_patch16_224 \(size mismatch"):
+    one_line(e, r"does not fit resnet18: \d+ weights are not in the file")
+    with pytest.raises(ValueError) as e:
         build_student(num_classes=3, img_size=8, in_chans=1, patch_size=2, embed_dim=64, depth=1, num_heads=2,
                       pretrained=weights["student"]["pth"])
+    one_line(e, r"does not fit deit_tiny_distilled_patch16_224 \(size mismatch")
 
-    class Payload:  # a pickle that would run code when loaded
+    marker = tmp_path / "payload-ran"
+
+    class Payload:  # a pickle that creates a file when it is loaded
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (open, (str(marker), "w"))
 
     torch.save({"model": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="refused"):
+    with pytest.raises(ValueError) as e:
         build_teacher("cifar_resnet10", 3, pretrained=tmp_path / "evil.pth")
+    assert not marker.exists(), "loading the file ran its pickled code"
+    one_line(e, "evil.pth.* holds pickled objects that could run code and was refused")
 
 
 def test_checkpoints_reload_without_the_pretrained_file(weights, folder3, tmp_path):
