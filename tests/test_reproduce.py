@@ -1,12 +1,14 @@
 """tools/reproduce.py end to end on digits with tiny settings."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import load_tool
@@ -131,9 +133,19 @@ def test_pipeline_seeds_reports_the_range_over_seeds(tmp_path):
     fused = results["table"]["student val/acc, fused (best checkpoint: what the summary prints)"]
     values = [r["summary"]["student"]["val/acc"] for r in results["runs"]]
     assert fused["n"] == 2 and fused["min"] == min(values) and fused["max"] == max(values)
-    seeds = [torch.load(r["summary"]["student"]["checkpoint"], map_location="cpu", weights_only=True)
+    specs = [torch.load(r["summary"]["student"]["checkpoint"], map_location="cpu", weights_only=True)
              ["hyper_parameters"]["student"] for r in results["runs"]]
-    assert seeds[0] == seeds[1]  # the same recipe, only the seed differs
+    assert specs[0] == specs[1]  # the same recipe ...
+    for run in results["runs"]:  # ... run with the seed it is reported under, in both steps
+        folder = out / "runs" / f"seed{run['seed']}"
+        for step in ("teacher", "student"):
+            assert yaml.safe_load((folder / step / "config.yaml").read_text())["seed_everything"] == run["seed"], step
+        # the last epoch's figure is that run's epoch-0 validation (TINY trains one epoch), from its own log
+        rows = [r for r in csv.DictReader(open(folder / "student" / "metrics.csv")) if r.get("val/acc")]
+        assert run["student_last_epoch"] == float(next(r["val/acc"] for r in rows if r["epoch"] == "0"))
+        assert run["summary"] == json.loads((folder / "summary.json").read_text())
+    last = results["table"]["student val/acc, fused (last epoch)"]
+    assert (last["min"], last["max"]) == tuple(sorted(r["student_last_epoch"] for r in results["runs"]))
     md = (out / "results.md").read_text()
     assert md.startswith("<!-- regenerate: python tools/pipeline_seeds.py digits --seeds 2") and "min - max" in md
 
