@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,34 @@ def test_reproduce_writes_results_json_markdown_and_plot(tmp_path):
     assert by_variant["soft"]["loss"] == {**by_variant["soft"]["loss"], "mode": "soft", "tau": 3.0, "alpha": 0.1}
     assert by_variant["token"]["student"]["distilled"] and by_variant["token"]["loss"]["mode"] == "hard"
 
+    # every row against the runs it names (the label says which variant and which head)
+    expected_rows = {
+        "no distillation": ("none", "val/acc"),
+        "soft distillation (tau 3, alpha 0.1), no token": ("soft", "val/acc"),
+        "hard distillation, no token": ("hard", "val/acc"),
+        "distillation token: class head": ("token", "val/acc_cls"),
+        "distillation token: distillation head": ("token", "val/acc_dist"),
+        "distillation token: both heads fused": ("token", "val/acc"),
+    }
+    assert list(rows) == list(expected_rows)
+    for label, (variant, metric) in expected_rows.items():
+        values = [r["metrics"][metric] for r in results["runs"] if r["variant"] == variant]
+        assert (rows[label]["variant"], rows[label]["metric"], rows[label]["n"]) == (variant, metric, 2), label
+        assert rows[label]["mean"] == pytest.approx(statistics.fmean(values)), label
+        assert rows[label]["std"] == pytest.approx(statistics.stdev(values)), label
+    # ... and every run against its own folder: its checkpoint, and the re-validation of that checkpoint in its log
+    for run in results["runs"]:
+        folder = out / "runs" / f"{run['variant']}-seed{run['seed']}"
+        assert Path(run["checkpoint"]).parent == folder / "checkpoints"
+        revalidation = [r for r in csv.DictReader(open(folder / "metrics.csv")) if r.get("val/acc")][-1]
+        for metric in ("val/acc", "val/acc_cls", "val/acc_dist"):
+            assert run["metrics"][metric] == pytest.approx(float(revalidation[metric]), abs=1e-6), (folder, metric)
+
     md = (out / "results.md").read_text()
     assert md.startswith("<!-- regenerate: python tools/reproduce.py ")
     assert md.count("\n| ") == 8  # header, separator and 6 rows
+    for label, row in rows.items():
+        assert f"| {label} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} | 2 |" in md, label
     assert "+-" in md and "Teacher val accuracy" in md
 
     with Image.open(out / "results.png") as im:
