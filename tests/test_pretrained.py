@@ -503,18 +503,64 @@ def test_transfer_recipe_runs_offline_from_files(weights, folder3, tmp_path):
 
 # ------------------------------------------------------------------------------------ the study tool
 def test_transfer_study_tool_runs_and_writes_its_report(tmp_path, monkeypatch):
+    import json
+
+    import distill.pretrained
     from conftest import load_tool
 
     study = load_tool("transfer_study")
     monkeypatch.setattr(study, "PRE_EPOCHS", dict(teacher=1, student=1))
     monkeypatch.setattr(study, "NEW_EPOCHS", dict(teacher=1, student=1))
+    loads = []  # every network built from pretrained weights: (name, source, report line)
+    create = distill.pretrained.create_pretrained
+
+    def recorded(name, weights, **kwargs):
+        model = create(name, weights, **kwargs)
+        loads.append((name, weights.source, model.pretrained_report))
+        return model
+
+    monkeypatch.setattr(distill.pretrained, "create_pretrained", recorded)
     threads = torch.get_num_threads()
     try:
         assert study.main(["--seeds", "0", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
     finally:
         torch.set_num_threads(threads)
-    results = __import__("json").loads((tmp_path / "out" / "results.json").read_text())
-    assert len(results["runs"]) == 8 and [r["n"] for r in results["table"]] == [1] * 6
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = results["runs"]
+    assert len(runs) == 8 and [r["n"] for r in results["table"]] == [1] * 6
+    # the pretrained routes start from the digits 0-4 weights: the teacher once, the student once per teacher
+    seed0 = tmp_path / "work" / "seed0"
+    pre_teacher, pre_student = str(seed0 / "pre-teacher" / "last.ckpt"), str(seed0 / "pre-student" / "last.ckpt")
+    assert sorted((name, source) for name, source, _ in loads) == sorted(
+        [("cifar_resnet10", pre_teacher)] + [("deit_tiny_distilled_patch16_224", pre_student)] * 2)
+    for _, _, report in loads:
+        loaded, total = map(int, re.search(r"loaded (\d+)/(\d+) tensors", report).groups())
+        assert 0 < loaded < total, report  # every weight but the new heads
+    for run in runs:
+        recorded_from = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"].get(
+            "pretrained_from")
+        if run["stage"] == "transfer" and run["init"] == "pretrained":
+            assert recorded_from == (pre_teacher if run["model"] == "teacher" else pre_student), run
+        else:
+            assert recorded_from is None, run
+    # every row is the run its label names
+    expected = {
+        "teacher from scratch": ("teacher", "scratch", None),
+        "teacher pretrained (0-4), fine-tuned": ("teacher", "pretrained", None),
+        "student from scratch, teacher from scratch": ("student", "scratch", "scratch"),
+        "student from scratch, pretrained teacher": ("student", "scratch", "pretrained"),
+        "student pretrained, teacher from scratch": ("student", "pretrained", "scratch"),
+        "student pretrained, pretrained teacher (the pretrained route)": ("student", "pretrained", "pretrained"),
+    }
+    assert [row["row"] for row in results["table"]] == list(expected)
+    for row in results["table"]:
+        model, init, teacher = expected[row["row"]]
+        (run,) = [r for r in runs if r["stage"] == "transfer" and (r["model"], r["init"], r["teacher"]) == (model, init, teacher)]
+        assert (row["model"], row["init"], row["teacher"], row["mean"]) == (model, init, teacher, run["val_acc"]), row["row"]
+        teacher_dir = {None: "", "scratch": "-teacher-scratch", "pretrained": "-teacher-pretrained"}[teacher]
+        assert Path(run["checkpoint"]).parent.name == f"new-{model}-{init}{teacher_dir}"
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.startswith("<!-- regenerate: python tools/transfer_study.py --seeds 0") and "Hardware: CPU" in md
+    for row in results["table"]:
+        assert f"| {row['row']} | {100 * row['mean']:.2f} +- 0.00 | 1 |" in md
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
