@@ -85,6 +85,32 @@ class CountValidation(L.Callback):
             _write(trainer, "val-counts.json", self.passes)
 
 
+class CountTest(CountValidation):
+    """CountValidation for `trainer.test`: each test pass's [count, checksum], saved by rank 0 as test-counts.json."""
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        CountValidation.on_validation_epoch_start(self, trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        CountValidation.on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        CountValidation.on_validation_epoch_end(self, trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if trainer.global_rank == 0:
+            _write(trainer, "test-counts.json", self.passes)
+
+
 def image_checksum(dataset) -> list[int]:
     """[count, checksum] of a dataset of (image tensor, label), as CountValidation sums them."""
     crcs = [zlib.crc32(dataset[i][0].contiguous().numpy().tobytes()) for i in range(len(dataset))]
