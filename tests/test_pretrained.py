@@ -564,3 +564,37 @@ def test_transfer_study_tool_runs_and_writes_its_report(tmp_path, monkeypatch):
     for row in results["table"]:
         assert f"| {row['row']} | {100 * row['mean']:.2f} +- 0.00 | 1 |" in md
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------ the README example
+def readme_transfer_example() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("The same from Python:"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_transfer_example_runs_as_written(folder3, tmp_path, monkeypatch):
+    """The README's "same from Python" transfer example, with `pretrained=True` read from a local Hugging Face
+    cache (random weights stand in for timm's), DIR a small image folder (48 images, batch 16), 32 px instead of
+    224 and 1 epoch instead of 30: both steps train, and both networks start from the cached weights."""
+    code = readme_transfer_example()
+    for text, count in (("max_epochs=30", 2), ('root="DIR"', 1), ("img_size=224", 1), ("batch_size=64", 1)):
+        assert code.count(text) == count, text
+    code = code.replace("max_epochs=30", "max_epochs=1").replace('root="DIR"', f"root={folder3!r}")
+    code = code.replace("img_size=224", "img_size=32").replace("batch_size=64", "batch_size=16")  # 48 images
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    resnet = _fake_hub_cache(cache, "resnet50").state_dict()
+    deit = _fake_hub_cache(cache, "deit_tiny_distilled_patch16_224").state_dict()
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md (the same from Python)", "exec"), namespace)
+    teacher, student = namespace["teacher"], namespace["student"]
+    assert "timm timm/resnet50" in teacher.model.pretrained_report
+    assert "timm timm/deit_tiny_distilled_patch16_224" in student.student.pretrained_report
+    # the teacher's backbone is frozen for the first (here: only) epoch: exactly the cached weights
+    assert torch.equal(teacher.model.state_dict()["layer3.0.conv1.weight"], resnet["layer3.0.conv1.weight"]), "backbone moved"
+    assert not torch.equal(teacher.model.state_dict()["fc.weight"][:3], resnet["fc.weight"][:3])  # a new 3-class head
+    # the student moved from the cached weights by warm-up steps of lr <= 1.25e-4 x 0.75^k only
+    for key in ("blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.weight", "dist_token"):
+        torch.testing.assert_close(student.student.state_dict()[key], deit[key], rtol=0, atol=1e-3, msg=key)
+    assert student.trainer.global_step > 0 and student.student.num_classes == 3
