@@ -50,6 +50,17 @@ def last_metrics(root: Path) -> dict[str, float]:
     return out
 
 
+def lr_per_epoch(root: Path) -> list[tuple[int, float]]:
+    """(step, lr) of each epoch's start, as the CLI's LearningRateMonitor logged it (every param group alike)."""
+    out = []
+    for row in csv.DictReader(open(root / "metrics.csv")):
+        values = {float(v) for k, v in row.items() if k.startswith("lr-") and v not in ("", None)}
+        if values:
+            assert len(values) == 1, row
+            out.append((int(row["step"]), values.pop()))
+    return out
+
+
 @pytest.fixture(scope="module")
 def single_teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
@@ -86,6 +97,18 @@ def test_validation_counts_each_sample_once(single_teacher, tmp_path):
     assert round(a["val/acc"] * 361, 3) == round(a["val/acc"] * 361)
 
 
+def test_distill_test_counts_each_sample_once_under_ddp(single_teacher, tmp_path):
+    """`distill test` on two processes: the test set (digits' held-out images, 361: an odd count) is sharded
+    without padding, so each image is tested exactly once and the accuracy is the one-process figure."""
+    two = tmp_path / "two"
+    distill("test", "--config", TEACHER, *COMMON, "--model.init_args.model", "cifar_resnet10", "--ckpt_path",
+            str(single_teacher / "checkpoints" / "last.ckpt"), "--trainer.default_root_dir", str(two), *DDP,
+            *callbacks({"class_path": "probes.CountTest"}))
+    assert json.loads((two / "test-counts.json").read_text()) == [expected_validation()]
+    a, b = last_metrics(single_teacher), last_metrics(two)  # the same images and weights the single run validated last
+    assert b["test/acc"] == a["val/acc"] and b["test/acc_top5"] == a["val/acc_top5"]
+
+
 def test_two_processes_train_like_one(single_teacher, tmp_path):
     root = tmp_path / "ddp"
     # per-device batch 32 x 2 processes = the single run's global batch of 64; the 1,436 training images
@@ -96,7 +119,12 @@ def test_two_processes_train_like_one(single_teacher, tmp_path):
     one, two = load(single_teacher / "checkpoints" / "last.ckpt"), load(root / "checkpoints" / "last.ckpt")
     assert one["global_step"] == two["global_step"] == 44
     lr = [c["optimizer_states"][0]["param_groups"][0]["lr"] for c in (one, two)]
-    assert lr[0] == lr[1] < 2e-3  # the same schedule, step by step, to its end
+    assert lr[0] == lr[1] < 2e-3  # the same final lr ...
+    # ... and the same lr at the start of every epoch (LearningRateMonitor's rows: step 0 in warm-up, step 22
+    # at the peak after warm-up), so warm-up and cosine follow the same steps, not only the same end
+    epochs = [lr_per_epoch(r) for r in (single_teacher, root)]
+    assert len(epochs[0]) == 2 and epochs[0] == epochs[1], epochs
+    assert epochs[0][0][1] < epochs[0][1][1]
     # every validation pass of the DDP training run saw each of the 361 images exactly once
     expected = expected_validation()
     assert json.loads((root / "val-counts.json").read_text()) == [expected, expected]

@@ -158,3 +158,64 @@ def test_student_blocks_pair_with_teacher_layers_by_block_index(blocks):
         expected = expected + F.mse_loss(F.interpolate(proj(f), size, mode="bilinear"),
                                          F.interpolate(t, size, mode="bilinear"))
     torch.testing.assert_close(guidance.loss(feats), expected)
+
+
+def _outputs_of(network: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Forward hooks of the test's own on the named submodules: their outputs of the latest forward."""
+    modules, seen = dict(network.named_modules()), {}
+    for name in names:
+        modules[name].register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+    return seen
+
+
+def _expected_loss(proj, student_maps, teacher_maps) -> torch.Tensor:
+    """The authors' formula: each projected student map and its teacher map bilinear to the larger grid, MSE, summed."""
+    total = torch.zeros(())
+    for p, s, t in zip(proj, student_maps, teacher_maps):
+        s = p(s)
+        size = (max(s.shape[-2], t.shape[-2]), max(s.shape[-1], t.shape[-1]))
+        total = total + F.mse_loss(F.interpolate(s, size, mode="bilinear"), F.interpolate(t, size, mode="bilinear"))
+    return total
+
+
+def test_guidance_reads_the_blocks_it_was_asked_for():
+    """A depth-4 student guided at blocks [1, 3] only: the maps guided (and the loss) are those of blocks 1
+    and 3, as timm's forward_intermediates returns them when called on its own, not those of blocks 0 and 1."""
+    dm = digits()
+    module = DistillModule(StudentConfig(**{**STUDENT, "depth": 4}, num_classes=10, img_size=8, in_chans=1),
+                           teacher=teacher(dm), feature_guidance=dict(GUIDE, student_blocks=[1, 3]))
+    student, guidance = module.student.train(), module.guidance
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        out, feats = guidance.student_forward(student, x)
+        final, expected = student.forward_intermediates(x, indices=[1, 3])
+        _, every = student.forward_intermediates(x, indices=[0, 1, 2, 3])
+    assert len(feats) == 2
+    for got, want in zip(feats, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(every[0], every[1]) and not torch.allclose(every[1], every[3])  # blocks differ
+    torch.testing.assert_close(out, student.forward_head(final))
+    maps = _outputs_of(module.teacher.network, GUIDE["teacher_layers"])
+    with torch.no_grad():
+        module.teacher(x)
+        torch.testing.assert_close(guidance.loss(feats), _expected_loss(
+            guidance.proj, expected, [maps[n] for n in GUIDE["teacher_layers"]]))
+
+
+def test_guidance_with_timm_resnet_layer_names():
+    """A timm ResNet teacher guides by its own layer names (layer1..layer4, as the README says): the
+    projections map to those layers' output channels and the loss reads those layers' outputs."""
+    torch.manual_seed(0)
+    net = build_teacher("resnet18", 10, in_chans=1, img_size=16)
+    layers = ["layer1", "layer3"]
+    module = DistillModule(StudentConfig(**STUDENT, num_classes=10, img_size=16, in_chans=1), teacher=net,
+                           feature_guidance=dict(student_blocks=[0, 1], teacher_layers=layers, weight=2.5))
+    guidance = module.guidance
+    assert [p.out_channels for p in guidance.proj] == [64, 256]  # resnet18's layer1 and layer3 outputs
+    maps = _outputs_of(net, layers)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        _, feats = guidance.student_forward(module.student.train(), x)
+        module.teacher(x)
+        assert [tuple(maps[n].shape) for n in layers] == [(2, 64, 4, 4), (2, 256, 1, 1)]
+        torch.testing.assert_close(guidance.loss(feats), _expected_loss(guidance.proj, feats, [maps[n] for n in layers]))

@@ -312,7 +312,8 @@ def test_config_of_older_checkpoints_still_loads():
 def test_agrees_with_timm_token_distillation_task(mode, tau):
     """Our loss equals timm's own DeiT token-distillation task (timm.task.TokenDistillationTask) on the
     same student, teacher and batch: total and both terms, to 1e-6."""
-    token_task = pytest.importorskip("timm.task.token_distillation")
+    # not skipped: the dev extra requires timm >= 1.0.25, the first release with timm.task.token_distillation
+    from timm.task import token_distillation as token_task
     from distill import build_student, build_teacher
 
     torch.manual_seed(0)
@@ -738,3 +739,58 @@ def test_dist_settings_that_reproduce_the_authors_one_to_two_weighting():
     assert two_thirds.item() == pytest.approx(authors.item() / 3, rel=1e-6)  # float32 inside
     assert doubled.item() == pytest.approx(authors.item() / 2, rel=1e-6)
     assert plain.total.item() == pytest.approx((plain.ce + plain.distill).item() / 2, rel=1e-6)  # 1:1, not 1:2
+
+
+# ==================================================================================================
+# The stronger losses inside a DistillModule fit
+# ==================================================================================================
+# (loss settings, the authors' formula of the distillation term on (z_dist, z_teacher, y) in float64)
+FIT_LOSSES = {
+    "dkd": (dict(mode="dkd", alpha=0.5, tau=4.0, dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=3),
+            lambda s, t, y: ref_dkd(s, t, y, 4.0, 1.0, 8.0)),
+    "dist": (dict(mode="dist", alpha=0.5, tau=4.0, dist_beta=1.0, dist_gamma=2.0),
+             lambda s, t, y: ref_dist(s, t, 1.0, 2.0, 4.0)),
+    "ls": (dict(mode="soft", alpha=0.9, tau=2.0, standardize=True), lambda s, t, y: ref_kd(s, t, 2.0, True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIT_LOSSES))
+def test_stronger_losses_in_a_distill_module_fit(name, trainer_factory, tiny_teacher_ckpt, tiny_student):
+    """DKD, DIST and KL on standardised logits as a DistillModule trains with them: at each step the loss
+    gets the student's two heads in order, the live teacher's logits on the batch and the labels; its
+    distillation term is the authors' formula on them, and DKD's warm-up (3 epochs) weighs it 1/3, 2/3,
+    1 in epochs 0, 1, 2 (`on_train_epoch_start` -> `loss.set_epoch`)."""
+    import lightning as L
+
+    from distill import DistillModule, ImageDataModule, StudentConfig
+    from helpers.probes import LossInputs
+
+    settings, reference = FIT_LOSSES[name]
+    module = DistillModule(StudentConfig(**tiny_student), teacher=str(tiny_teacher_ckpt), warmup_epochs=0,
+                           loss=DistillationLoss(**settings))
+    heads = []
+
+    class Heads(L.Callback):  # the student's (z_cls, z_dist) on the batch, before the step changes the weights
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                heads.append(pl_module.student(batch[0]))
+
+    seen = LossInputs()
+    trainer_factory(max_epochs=3, limit_train_batches=1, limit_val_batches=0, callbacks=[Heads(), seen]).fit(
+        module, ImageDataModule("digits", img_size=8, batch_size=32))
+    assert len(seen.calls) == len(heads) == 3
+    alpha = settings["alpha"]
+    for epoch, (call, (x, y), (z_cls, z_dist)) in enumerate(zip(seen.calls, seen.batches, heads)):
+        assert isinstance(call["student"], tuple)
+        torch.testing.assert_close(call["student"][0], z_cls, msg=f"epoch {epoch}: class head")
+        torch.testing.assert_close(call["student"][1], z_dist, msg=f"epoch {epoch}: distillation head")
+        torch.testing.assert_close(call["teacher"], module.teacher(x).float())
+        assert torch.equal(call["target"], y)
+        terms = call["terms"]
+        expected = reference(z_dist.double(), call["teacher"].double(), y)
+        # float32 in the module, float64 here: near-equal distributions (an untrained student) cancel digits
+        torch.testing.assert_close(terms.distill.double(), expected, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(terms.ce, F.cross_entropy(z_cls.float(), y))
+        w = min((epoch + 1) / 3, 1.0) if name == "dkd" else 1.0
+        torch.testing.assert_close(terms.total, (1 - alpha) * terms.ce + alpha * w * terms.distill,
+                                   msg=f"epoch {epoch}: warm-up factor {w}")

@@ -88,6 +88,29 @@ def test_pipeline_runs_both_steps_and_writes_summary(pipeline_run):
     assert (out / "student" / "config.yaml").is_file()
 
 
+def test_the_revalidation_in_a_real_pipeline_log_is_not_an_epoch(pipeline_run):
+    """The pipeline validates the chosen checkpoint again after training; in the metrics.csv Lightning writes,
+    that row carries the epoch after the last one trained. tools/plot_run.py and tools/pipeline_seeds.py
+    leave it out of the curves and of the last-epoch figure (their other tests use hand-written CSVs:
+    this one catches a change in how Lightning logs it)."""
+    import csv
+
+    from conftest import load_tool
+
+    plot_run, pipeline_seeds = load_tool("plot_run"), load_tool("pipeline_seeds")
+    out, summary = pipeline_run
+    for step in ("teacher", "student"):
+        rows = list(csv.DictReader(open(out / step / "metrics.csv")))
+        assert {int(r["epoch"]) for r in rows if r.get("train/loss")} == {0}  # one epoch trained
+        validations = [(int(r["epoch"]), float(r["val/acc"])) for r in rows if r.get("val/acc")]
+        assert [e for e, _ in validations] == [0, 1], validations  # epoch 0, then the re-validation as "epoch 1"
+        assert validations[1][1] == pytest.approx(summary[step]["val/acc"], abs=1e-6)  # what the summary prints
+        assert plot_run.read_curves(out / step / "metrics.csv")["val/acc"] == ([0], [validations[0][1]])
+    student_epoch0 = [float(r["val/acc"]) for r in csv.DictReader(open(out / "student" / "metrics.csv"))
+                      if r.get("val/acc") and r["epoch"] == "0"]
+    assert pipeline_seeds.last_epoch_acc(out / "student") == student_epoch0[0]
+
+
 def test_student_checkpoints_hold_no_teacher_weights(pipeline_run):
     out, _ = pipeline_run
     ckpts = sorted((out / "student" / "checkpoints").glob("*.ckpt"))
@@ -249,3 +272,57 @@ def test_wandb_without_network_falls_back_to_offline(tmp_path, monkeypatch):
     assert code == 0
     assert len(list((root / "wandb").glob("offline-run-*"))) == 1
     assert (root / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_run_step_scores_by_the_last_checkpoint_when_asked(tmp_path, monkeypatch):
+    """`run_step(score="last")` (tools/reproduce.py --score last): the last checkpoint and its metrics,
+    not the best one, here a checkpoint chosen at epoch 0 by a monitored value that peaks there."""
+    import csv
+
+    from distill.pipeline import run_step
+
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
+    root = tmp_path / "run"
+    args = [*TINY[:10], "--trainer.max_epochs", "2", "--model.init_args.model", "cifar_resnet10",
+            "--model.init_args.model_kwargs", '{"base_width": 8}', "--checkpoint.monitor", "val/probe_peak",
+            "--trainer.callbacks", '[{"class_path": "probes.PeakAtFirstEpoch"}]']
+    ckpt, metrics, _ = run_step(REPO / "recipes/digits/teacher.yaml", args, root, score="last")
+    assert ckpt == str(root / "checkpoints" / "last.ckpt")
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 1
+    rows = [r for r in csv.DictReader(open(root / "metrics.csv")) if r.get("val/acc")]
+    epoch1 = [float(r["val/acc"]) for r in rows if r["epoch"] == "1"]
+    assert metrics["val/acc"] == pytest.approx(epoch1[0], abs=1e-6)  # the last epoch's weights, validated again
+
+
+def test_wandb_without_credentials_logs_offline_with_its_name_entity_and_group(tmp_path, monkeypatch, caplog):
+    """No WANDB_MODE, no WANDB_API_KEY, an empty home (no ~/.netrc, no wandb settings): the run logs offline
+    at once, without trying the server, and --wandb.name/entity/group reach the run."""
+    import logging
+
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing real is reached, whatever happens
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    root = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        code = main(["fit", "--config", str(REPO / "recipes/digits/teacher.yaml"), *TINY[:10],
+                     "--model.init_args.model", "cifar_resnet10", "--model.init_args.model_kwargs", '{"base_width": 8}',
+                     "--trainer.default_root_dir", str(root), "--logger", "wandb", "--wandb.project", "distill-test",
+                     "--wandb.name", "tiny-teacher", "--wandb.entity", "my-team", "--wandb.group", "study-1"])
+    assert code == 0
+    assert "W&B: no credentials found" in caplog.text and "cannot reach the server" not in caplog.text, caplog.text
+    runs = list((root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    finish_and_flush()
+    run = WandbRun(runs[0])
+    record = next(r.run for r in run.records if r.WhichOneof("record_type") == "run")
+    assert (record.display_name, record.entity, record.run_group, record.project) == (
+        "tiny-teacher", "my-team", "study-1", "distill-test")
+    assert "val/acc" in run.metric_keys()

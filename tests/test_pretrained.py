@@ -10,6 +10,7 @@ config, the transfer recipe end to end.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -321,23 +322,37 @@ def test_cli_offline_mode_exit_code_2(folder3, tmp_path):
 
 # ------------------------------------------------------------------------------------- bad input
 def test_bad_pretrained_files_are_one_line_errors(weights, tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrained weights .*nope.pth.* do not exist"):
+    def one_line(error, match: str) -> str:
+        message = str(error.value)
+        assert "\n" not in message and message.strip() == message, message
+        assert re.search(match, message), message
+        return message
+
+    with pytest.raises(FileNotFoundError) as e:
         build_teacher("cifar_resnet10", 3, pretrained=tmp_path / "nope.pth")
-    with pytest.raises(ValueError, match=r"holds a cifar_resnet10, not a resnet18"):
+    one_line(e, "pretrained weights .*nope.pth.* do not exist")
+    with pytest.raises(ValueError) as e:
         build_teacher("resnet18", 3, pretrained=weights["teacher"]["step1"])
-    with pytest.raises(ValueError, match=r"does not fit resnet18: \d+ weights are not in the file"):
+    one_line(e, r"holds a cifar_resnet10, not a resnet18")
+    with pytest.raises(ValueError) as e:
         build_teacher("resnet18", 3, pretrained=weights["teacher"]["pth"])
-    with pytest.raises(ValueError, match=r"does not fit deit_tiny_distilled_patch16_224 \(size mismatch"):
+    one_line(e, r"does not fit resnet18: \d+ weights are not in the file")
+    with pytest.raises(ValueError) as e:
         build_student(num_classes=3, img_size=8, in_chans=1, patch_size=2, embed_dim=64, depth=1, num_heads=2,
                       pretrained=weights["student"]["pth"])
+    one_line(e, r"does not fit deit_tiny_distilled_patch16_224 \(size mismatch")
 
-    class Payload:  # a pickle that would run code when loaded
+    marker = tmp_path / "payload-ran"
+
+    class Payload:  # a pickle that creates a file when it is loaded
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (open, (str(marker), "w"))
 
     torch.save({"model": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="refused"):
+    with pytest.raises(ValueError) as e:
         build_teacher("cifar_resnet10", 3, pretrained=tmp_path / "evil.pth")
+    assert not marker.exists(), "loading the file ran its pickled code"
+    one_line(e, "evil.pth.* holds pickled objects that could run code and was refused")
 
 
 def test_checkpoints_reload_without_the_pretrained_file(weights, folder3, tmp_path):
@@ -488,18 +503,98 @@ def test_transfer_recipe_runs_offline_from_files(weights, folder3, tmp_path):
 
 # ------------------------------------------------------------------------------------ the study tool
 def test_transfer_study_tool_runs_and_writes_its_report(tmp_path, monkeypatch):
+    import json
+
+    import distill.pretrained
     from conftest import load_tool
 
     study = load_tool("transfer_study")
     monkeypatch.setattr(study, "PRE_EPOCHS", dict(teacher=1, student=1))
     monkeypatch.setattr(study, "NEW_EPOCHS", dict(teacher=1, student=1))
+    loads = []  # every network built from pretrained weights: (name, source, report line)
+    create = distill.pretrained.create_pretrained
+
+    def recorded(name, weights, **kwargs):
+        model = create(name, weights, **kwargs)
+        loads.append((name, weights.source, model.pretrained_report))
+        return model
+
+    monkeypatch.setattr(distill.pretrained, "create_pretrained", recorded)
     threads = torch.get_num_threads()
     try:
         assert study.main(["--seeds", "0", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
     finally:
         torch.set_num_threads(threads)
-    results = __import__("json").loads((tmp_path / "out" / "results.json").read_text())
-    assert len(results["runs"]) == 8 and [r["n"] for r in results["table"]] == [1] * 6
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = results["runs"]
+    assert len(runs) == 8 and [r["n"] for r in results["table"]] == [1] * 6
+    # the pretrained routes start from the digits 0-4 weights: the teacher once, the student once per teacher
+    seed0 = tmp_path / "work" / "seed0"
+    pre_teacher, pre_student = str(seed0 / "pre-teacher" / "last.ckpt"), str(seed0 / "pre-student" / "last.ckpt")
+    assert sorted((name, source) for name, source, _ in loads) == sorted(
+        [("cifar_resnet10", pre_teacher)] + [("deit_tiny_distilled_patch16_224", pre_student)] * 2)
+    for _, _, report in loads:
+        loaded, total = map(int, re.search(r"loaded (\d+)/(\d+) tensors", report).groups())
+        assert 0 < loaded < total, report  # every weight but the new heads
+    for run in runs:
+        recorded_from = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"].get(
+            "pretrained_from")
+        if run["stage"] == "transfer" and run["init"] == "pretrained":
+            assert recorded_from == (pre_teacher if run["model"] == "teacher" else pre_student), run
+        else:
+            assert recorded_from is None, run
+    # every row is the run its label names
+    expected = {
+        "teacher from scratch": ("teacher", "scratch", None),
+        "teacher pretrained (0-4), fine-tuned": ("teacher", "pretrained", None),
+        "student from scratch, teacher from scratch": ("student", "scratch", "scratch"),
+        "student from scratch, pretrained teacher": ("student", "scratch", "pretrained"),
+        "student pretrained, teacher from scratch": ("student", "pretrained", "scratch"),
+        "student pretrained, pretrained teacher (the pretrained route)": ("student", "pretrained", "pretrained"),
+    }
+    assert [row["row"] for row in results["table"]] == list(expected)
+    for row in results["table"]:
+        model, init, teacher = expected[row["row"]]
+        (run,) = [r for r in runs if r["stage"] == "transfer" and (r["model"], r["init"], r["teacher"]) == (model, init, teacher)]
+        assert (row["model"], row["init"], row["teacher"], row["mean"]) == (model, init, teacher, run["val_acc"]), row["row"]
+        teacher_dir = {None: "", "scratch": "-teacher-scratch", "pretrained": "-teacher-pretrained"}[teacher]
+        assert Path(run["checkpoint"]).parent.name == f"new-{model}-{init}{teacher_dir}"
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.startswith("<!-- regenerate: python tools/transfer_study.py --seeds 0") and "Hardware: CPU" in md
+    for row in results["table"]:
+        assert f"| {row['row']} | {100 * row['mean']:.2f} +- 0.00 | 1 |" in md
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------ the README example
+def readme_transfer_example() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("The same from Python:"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_transfer_example_runs_as_written(folder3, tmp_path, monkeypatch):
+    """The README's "same from Python" transfer example, with `pretrained=True` read from a local Hugging Face
+    cache (random weights stand in for timm's), DIR a small image folder (48 images, batch 16), 32 px instead of
+    224 and 1 epoch instead of 30: both steps train, and both networks start from the cached weights."""
+    code = readme_transfer_example()
+    for text, count in (("max_epochs=30", 2), ('root="DIR"', 1), ("img_size=224", 1), ("batch_size=64", 1)):
+        assert code.count(text) == count, text
+    code = code.replace("max_epochs=30", "max_epochs=1").replace('root="DIR"', f"root={folder3!r}")
+    code = code.replace("img_size=224", "img_size=32").replace("batch_size=64", "batch_size=16")  # 48 images
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    resnet = _fake_hub_cache(cache, "resnet50").state_dict()
+    deit = _fake_hub_cache(cache, "deit_tiny_distilled_patch16_224").state_dict()
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md (the same from Python)", "exec"), namespace)
+    teacher, student = namespace["teacher"], namespace["student"]
+    assert "timm timm/resnet50" in teacher.model.pretrained_report
+    assert "timm timm/deit_tiny_distilled_patch16_224" in student.student.pretrained_report
+    # the teacher's backbone is frozen for the first (here: only) epoch: exactly the cached weights
+    assert torch.equal(teacher.model.state_dict()["layer3.0.conv1.weight"], resnet["layer3.0.conv1.weight"]), "backbone moved"
+    assert not torch.equal(teacher.model.state_dict()["fc.weight"][:3], resnet["fc.weight"][:3])  # a new 3-class head
+    # the student moved from the cached weights by warm-up steps of lr <= 1.25e-4 x 0.75^k only
+    for key in ("blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.weight", "dist_token"):
+        torch.testing.assert_close(student.student.state_dict()[key], deit[key], rtol=0, atol=1e-3, msg=key)
+    assert student.trainer.global_step > 0 and student.student.num_classes == 3

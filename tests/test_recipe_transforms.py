@@ -9,6 +9,7 @@ import io
 import os
 import random
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 # the step recipes (teacher*.yaml, student*.yaml), not the extra configs some recipes ship (guidance.yaml)
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.name.startswith(("teacher", "student")))
 RECIPE_DIRS = sorted({p.parent for p in RECIPES})
-# the shared benchmark data next to the checkout (../shared/data), or where DISTILL_CIFAR10_JPEG says
-CIFAR_TEST = Path(os.environ.get("DISTILL_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg")) / "cifar10-test.tar.gz"
+# The shared benchmark data next to the checkout (../shared/data), or where DISTILL_CIFAR10_JPEG says. Where
+# it is expected (that variable is set, or the shared data folder exists, as on the development machine and
+# a clone beside it), a missing archive fails the CIFAR recipes' test instead of pushing random noise.
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR_DIR = Path(os.environ.get("DISTILL_CIFAR10_JPEG") or SHARED_DATA / "cifar10-jpeg")
+CIFAR_TEST = CIFAR_DIR / "cifar10-test.tar.gz"
+CIFAR_EXPECTED = bool(os.environ.get("DISTILL_CIFAR10_JPEG")) or SHARED_DATA.is_dir()
 PUSHED = 2400  # images through each distinct training transform
 DEIT_RA = "rand-m9-mstd0.5-inc1"
 # LightningCLI warns when args are passed while sys.argv holds pytest's own
@@ -55,8 +61,15 @@ def is_cifar(recipe: Path, data: dict) -> bool:
 # ------------------------------------------------------------------------------------------ images
 @pytest.fixture(scope="module")
 def cifar_images() -> list[Image.Image] | None:
-    """PUSHED real CIFAR-10 test JPEGs (all ten classes), or None where the archive is absent."""
+    """PUSHED real CIFAR-10 test JPEGs (all ten classes), or None where the archive is absent and not
+    expected (then a warning says the CIFAR recipes got random noise)."""
     if not CIFAR_TEST.is_file():
+        where = "DISTILL_CIFAR10_JPEG" if os.environ.get("DISTILL_CIFAR10_JPEG") else f"the shared data folder {SHARED_DATA}"
+        if CIFAR_EXPECTED:
+            pytest.fail(f"{CIFAR_TEST} is missing, but {where} says the CIFAR-10 JPEG archives are there; "
+                        f"restore them or point DISTILL_CIFAR10_JPEG at their folder")
+        warnings.warn(f"{CIFAR_TEST} not found: the CIFAR recipes' transforms get random noise, not CIFAR-10 images "
+                      f"(set DISTILL_CIFAR10_JPEG to the folder of cifar10-test.tar.gz)")
         return None
     with tarfile.open(CIFAR_TEST) as tar:
         members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
@@ -88,26 +101,27 @@ def write_folder(root: Path, images: list[Image.Image], per_split: dict[str, int
     return root
 
 
-def recipe_datamodule(recipe: Path, tmp_path: Path, cifar_images) -> tuple[ImageDataModule, list[Image.Image]]:
+def recipe_datamodule(recipe: Path, tmp_path: Path, cifar_images) -> tuple[ImageDataModule, list[Image.Image], str]:
     """The recipe's datamodule (its data section, root pointed at a small folder of the images pushed,
-    from which statistics are computed where the recipe gives none) and the images to push."""
+    from which statistics are computed where the recipe gives none), the images to push and where they
+    come from (`digits`, `cifar10-test.tar.gz` or `random noise`)."""
     data = data_section(recipe)
     if data["source"] in ("digits", "synthetic"):
         dm = ImageDataModule(**data)
         if data["source"] == "digits":
             d = dm._digits
-            pool = [Image.fromarray(d["images"][i]) for i in d["train"]]
+            pool, source = [Image.fromarray(d["images"][i]) for i in d["train"]], "digits"
         else:
-            pool = random_images(dm.img_size, PUSHED, "RGB" if dm.in_chans == 3 else "L")
-        return dm, [pool[i % len(pool)] for i in range(PUSHED)]
+            pool, source = random_images(dm.img_size, PUSHED, "RGB" if dm.in_chans == 3 else "L"), "random noise"
+        return dm, [pool[i % len(pool)] for i in range(PUSHED)], source
     if is_cifar(recipe, data) and cifar_images is not None:
-        images = cifar_images
+        images, source = cifar_images, CIFAR_TEST.name
     else:
-        images = random_images(data["img_size"], PUSHED, "L" if data.get("in_chans") == 1 else "RGB")
+        images, source = random_images(data["img_size"], PUSHED, "L" if data.get("in_chans") == 1 else "RGB"), "random noise"
     if data["source"] in CIFAR_STATS and data.get("mean") is None:
         data["mean"], data["std"] = (list(v) for v in CIFAR_STATS[data["source"]])
     data.update(source="imagefolder", root=str(write_folder(tmp_path / "stats", images[:32], {"train": 16, "val": 4})))
-    return ImageDataModule(**data), images
+    return ImageDataModule(**data), images, source
 
 
 # ----------------------------------------------------------------------------------- the transforms
@@ -121,8 +135,12 @@ def stress_params():
 
 
 @pytest.mark.parametrize("recipe", stress_params())
-def test_training_transform_takes_thousands_of_images(recipe, tmp_path, cifar_images):
-    dm, images = recipe_datamodule(recipe, tmp_path, cifar_images)
+def test_training_transform_takes_thousands_of_images(recipe, tmp_path, cifar_images, record_property):
+    dm, images, source = recipe_datamodule(recipe, tmp_path, cifar_images)
+    record_property("images", source)  # in the JUnit report; the warning above says when CIFAR fell back to noise
+    if is_cifar(recipe, data_section(recipe)):
+        assert source == (CIFAR_TEST.name if cifar_images is not None else "random noise")
+        assert cifar_images is not None or not CIFAR_EXPECTED
     tf = dm.train_transform()
     key = f"{repr(tf)}|{dm.hparams.get('interpolation')}|{is_cifar(recipe, data_section(recipe))}"
     if key not in _pushed:

@@ -1,13 +1,16 @@
 """tools/reproduce.py end to end on digits with tiny settings."""
 from __future__ import annotations
 
+import csv
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import load_tool
@@ -43,9 +46,34 @@ def test_reproduce_writes_results_json_markdown_and_plot(tmp_path):
     assert by_variant["soft"]["loss"] == {**by_variant["soft"]["loss"], "mode": "soft", "tau": 3.0, "alpha": 0.1}
     assert by_variant["token"]["student"]["distilled"] and by_variant["token"]["loss"]["mode"] == "hard"
 
+    # every row against the runs it names (the label says which variant and which head)
+    expected_rows = {
+        "no distillation": ("none", "val/acc"),
+        "soft distillation (tau 3, alpha 0.1), no token": ("soft", "val/acc"),
+        "hard distillation, no token": ("hard", "val/acc"),
+        "distillation token: class head": ("token", "val/acc_cls"),
+        "distillation token: distillation head": ("token", "val/acc_dist"),
+        "distillation token: both heads fused": ("token", "val/acc"),
+    }
+    assert list(rows) == list(expected_rows)
+    for label, (variant, metric) in expected_rows.items():
+        values = [r["metrics"][metric] for r in results["runs"] if r["variant"] == variant]
+        assert (rows[label]["variant"], rows[label]["metric"], rows[label]["n"]) == (variant, metric, 2), label
+        assert rows[label]["mean"] == pytest.approx(statistics.fmean(values)), label
+        assert rows[label]["std"] == pytest.approx(statistics.stdev(values)), label
+    # ... and every run against its own folder: its checkpoint, and the re-validation of that checkpoint in its log
+    for run in results["runs"]:
+        folder = out / "runs" / f"{run['variant']}-seed{run['seed']}"
+        assert Path(run["checkpoint"]).parent == folder / "checkpoints"
+        revalidation = [r for r in csv.DictReader(open(folder / "metrics.csv")) if r.get("val/acc")][-1]
+        for metric in ("val/acc", "val/acc_cls", "val/acc_dist"):
+            assert run["metrics"][metric] == pytest.approx(float(revalidation[metric]), abs=1e-6), (folder, metric)
+
     md = (out / "results.md").read_text()
     assert md.startswith("<!-- regenerate: python tools/reproduce.py ")
     assert md.count("\n| ") == 8  # header, separator and 6 rows
+    for label, row in rows.items():
+        assert f"| {label} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} | 2 |" in md, label
     assert "+-" in md and "Teacher val accuracy" in md
 
     with Image.open(out / "results.png") as im:
@@ -80,28 +108,52 @@ def test_study_resumes_and_runs_the_new_variants(tmp_path):
     assert {row["variant"]: row["n"] for row in second["table"]} == {"none": 2, "lg": 2}
 
 
+# Each variant's whole loss configuration, as the module docstring (and the README) state it, on top of the
+# digits student recipe (hard, alpha 0.5): every field of DistillationLoss, not only the mode.
+LOSS_DEFAULTS = dict(mode="hard", alpha=0.5, tau=1.0, kl_reduction="batchmean", label_smoothing=0.0, standardize=False,
+                     dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=0, dist_beta=1.0, dist_gamma=1.0)
+VARIANT_LOSS = {
+    "none": dict(mode="none"),
+    "soft": dict(mode="soft", tau=3.0, alpha=0.1, kl_reduction="deit"),  # DeiT's soft distillation
+    "hard": dict(mode="hard", alpha=0.5),
+    "token": dict(mode="hard", alpha=0.5),
+    "dkd": dict(mode="dkd", tau=4.0, alpha=0.5, dkd_alpha=1.0, dkd_beta=8.0),  # TCKD 1, NCKD 8
+    "dist": dict(mode="dist", tau=4.0, alpha=0.5, dist_beta=1.0, dist_gamma=1.0),
+    "ls": dict(mode="soft", standardize=True, tau=2.0, alpha=0.9),
+    "lg": dict(mode="hard", alpha=0.5),
+    "lg_dkd": dict(mode="dkd", tau=4.0, alpha=0.5, dkd_alpha=1.0, dkd_beta=8.0),
+    "token_soft": dict(mode="soft", tau=1.0, alpha=0.5),
+    "fm": dict(mode="soft", tau=1.0, alpha=1.0),  # Beyer et al.'s function matching: KL at tau 1 alone
+    "none_mix": dict(mode="none"),
+}
+VARIANT_TOKEN = {"none": False, "soft": False, "hard": False, "fm": False, "none_mix": False}  # every other variant has the distillation token
+
+
 @pytest.mark.parametrize("variant", sorted(reproduce.VARIANTS))
 def test_every_variant_resolves_to_its_method(variant):
+    from distill import DistillationLoss
     from distill.cli import DistillCLI
 
+    assert set(VARIANT_LOSS) == set(reproduce.VARIANTS)
     recipe = REPO / "recipes/digits"
     extra = reproduce.guidance_args(recipe) if variant in reproduce.GUIDED else []
     config = DistillCLI.parse_recipe(["--config", str(recipe / "student.yaml"), *extra, *reproduce.VARIANTS[variant]])
     init = config["model"]["init_args"]
     loss = init["loss"] if isinstance(init["loss"], dict) else vars(init["loss"])
-    loss = loss.get("init_args", loss)
-    expected = {"none": ("none", False), "soft": ("soft", False), "hard": ("hard", False), "token": ("hard", True),
-                "dkd": ("dkd", True), "dist": ("dist", True), "ls": ("soft", True), "lg": ("hard", True),
-                "lg_dkd": ("dkd", True), "token_soft": ("soft", True), "fm": ("soft", False), "none_mix": ("none", False)}[variant]
-    assert (loss["mode"], init["student"]["distilled"]) == expected
-    assert bool(loss.get("standardize")) == (variant == "ls")
-    assert (init.get("feature_guidance") is not None) == (variant in reproduce.GUIDED)
-    if variant == "soft":
-        assert loss["kl_reduction"] == "deit" and loss["tau"] == 3.0 and loss["alpha"] == 0.1  # DeiT's soft
+    loss = dict(vars(loss["init_args"]) if "init_args" in loss else loss)
+    assert loss == {**LOSS_DEFAULTS, **VARIANT_LOSS[variant]}
+    assert DistillationLoss(**loss).config() == loss  # a valid loss, built as the module builds it
+    assert init["student"]["distilled"] == VARIANT_TOKEN.get(variant, True)
+    guidance = init.get("feature_guidance")
+    if variant in reproduce.GUIDED:  # the recipe folder's guidance.yaml, as written there
+        assert vars(guidance) == dict(student_blocks=[0, 1, 2], teacher_layers=["stages.0", "stages.1", "stages.2"],
+                                      weight=2.5)
+    else:
+        assert guidance is None
     mixed = (config["data"]["mixup"], config["data"]["cutmix"]) == (0.8, 1.0)
-    assert mixed == (variant in ("fm", "none_mix"))
-    if variant == "fm":  # Beyer et al.'s function matching: KL at tau 1 alone, on the live teacher's mixed images
-        assert (loss["tau"], loss["alpha"], init["teacher_cache"]) == (1.0, 1.0, None)
+    assert mixed == (variant in ("fm", "none_mix"))  # function matching and its baseline mix the images
+    if variant == "fm":  # and function matching reads the live teacher on them
+        assert init["teacher_cache"] is None
 
 
 @pytest.mark.slow
@@ -115,9 +167,19 @@ def test_pipeline_seeds_reports_the_range_over_seeds(tmp_path):
     fused = results["table"]["student val/acc, fused (best checkpoint: what the summary prints)"]
     values = [r["summary"]["student"]["val/acc"] for r in results["runs"]]
     assert fused["n"] == 2 and fused["min"] == min(values) and fused["max"] == max(values)
-    seeds = [torch.load(r["summary"]["student"]["checkpoint"], map_location="cpu", weights_only=True)
+    specs = [torch.load(r["summary"]["student"]["checkpoint"], map_location="cpu", weights_only=True)
              ["hyper_parameters"]["student"] for r in results["runs"]]
-    assert seeds[0] == seeds[1]  # the same recipe, only the seed differs
+    assert specs[0] == specs[1]  # the same recipe ...
+    for run in results["runs"]:  # ... run with the seed it is reported under, in both steps
+        folder = out / "runs" / f"seed{run['seed']}"
+        for step in ("teacher", "student"):
+            assert yaml.safe_load((folder / step / "config.yaml").read_text())["seed_everything"] == run["seed"], step
+        # the last epoch's figure is that run's epoch-0 validation (TINY trains one epoch), from its own log
+        rows = [r for r in csv.DictReader(open(folder / "student" / "metrics.csv")) if r.get("val/acc")]
+        assert run["student_last_epoch"] == float(next(r["val/acc"] for r in rows if r["epoch"] == "0"))
+        assert run["summary"] == json.loads((folder / "summary.json").read_text())
+    last = results["table"]["student val/acc, fused (last epoch)"]
+    assert (last["min"], last["max"]) == tuple(sorted(r["student_last_epoch"] for r in results["runs"]))
     md = (out / "results.md").read_text()
     assert md.startswith("<!-- regenerate: python tools/pipeline_seeds.py digits --seeds 2") and "min - max" in md
 
@@ -130,12 +192,16 @@ def test_pipeline_seeds_last_epoch_leaves_out_the_revalidation_of_the_chosen_che
     assert tool.last_epoch_acc(tmp_path) == 0.6
 
 
-def fake_study(tmp_path, monkeypatch, trained: list):
-    """run_study with a stand-in for training (each run returns at once), to test how workers share a study."""
+def fake_study(tmp_path, monkeypatch, trained: list, scores: dict | None = None):
+    """run_study with a stand-in for training (each run returns at once), to test how workers share a study.
+    `scores`, when given, gets each run's `score` argument by run folder name."""
     def run_step(config, args, root, score):
         root.mkdir(parents=True, exist_ok=True)
         name = root.name
         trained.append(name)
+        if scores is not None:
+            scores[name] = score
+        (root / "last.ckpt").write_bytes(name.encode())  # the teacher's checkpoint is read (its sha256 keys the runs)
         return str(root / "last.ckpt"), {"val/acc": 0.5, "val/acc_cls": 0.5, "val/acc_dist": 0.5}, 1.0
 
     monkeypatch.setattr(reproduce, "run_step", run_step)
@@ -366,3 +432,54 @@ def test_two_workers_saving_keep_each_others_runs_and_add_their_time(tmp_path, m
     # The study: 5 s from before + 50 s of worker 1 + 20 s of worker 2 (overlapping, as two processes would)
     assert results["seconds"] == pytest.approx(5.0 + 50 + 20)
     assert "summed over the processes" in (out / "results.md").read_text()
+
+
+def test_score_last_scores_every_run_by_its_last_checkpoint_and_says_so(tmp_path, monkeypatch):
+    trained, scores = [], {}
+    fake_study(tmp_path, monkeypatch, trained, scores)  # no results.json: the teacher is trained too
+    out = tmp_path / "study"
+    args = [str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "1", "--variants", "none", "token"]
+    assert reproduce.main([*args, "--score", "last"]) == 0
+    assert scores == {"teacher": "last", "none-seed0": "last", "token-seed0": "last"}
+    assert json.loads((out / "results.json").read_text())["score"] == "last"
+    md = (out / "results.md").read_text()
+    assert "scored with its last checkpoint" in md and "best checkpoint" not in md
+
+
+def test_a_study_scored_otherwise_is_not_resumed(tmp_path, monkeypatch):
+    trained = []
+    previous = fake_study(tmp_path, monkeypatch, trained)
+    out = tmp_path / "study"
+    (out / "results.json").write_text(json.dumps({**previous, "command": "c", "hardware": "h", "score": "best"}))
+    args = [str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "1", "--variants", "none"]
+    with pytest.raises(ValueError, match="--score last: the study being resumed scored its runs by their best "
+                                         "checkpoint; use the same --score or another --out"):
+        reproduce.main([*args, "--score", "last"])
+    assert trained == []  # refused before anything ran
+    assert reproduce.main(args) == 0 and trained == ["none-seed0"]  # the same score resumes
+
+
+def test_the_teacher_is_trained_by_one_worker_only(tmp_path, monkeypatch):
+    """A study without a teacher: a worker that finds teacher.running held by a live process stops (its
+    students would need that teacher); a claim whose process died is taken over and released after."""
+    import subprocess
+    import sys
+
+    trained = []
+    fake_study(tmp_path, monkeypatch, trained)
+    runs = tmp_path / "study" / "runs"
+    runs.mkdir()
+    claim = runs / "teacher.running"
+    child, held = live_process()
+    try:
+        claim.write_text(held)  # a live process trains the teacher
+        with pytest.raises(RuntimeError, match=f"process {child.pid} is training this study's teacher"):
+            reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 1, runs, [], "cmd")
+    finally:
+        child.kill()
+    assert trained == [] and claim.read_text() == held  # nothing trained, the claim left alone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim.write_text(dead.stdout.strip())
+    results = reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 1, runs, [], "cmd")
+    assert trained == ["teacher", "none-seed0"] and not claim.exists()
+    assert results["teacher"]["checkpoint"] == str(runs / "teacher" / "last.ckpt")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from distill.fault_tolerance import ResumeState, rng_state
+from distill.fault_tolerance import ResumeState, rng_state, set_rng_state
 from distill.keyed_views import KeyedLoader, KeyedViews, ViewKeySampler, keyed_train_loader
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,12 +139,30 @@ def test_each_process_after_rank_zero_gets_its_own_seed(monkeypatch):
 
 
 def test_resume_with_another_number_of_processes_warns_and_reseeds(monkeypatch):
+    """The streams of 2 processes cannot continue in 1 or 3: each process reseeds from (seed, rank, step),
+    so what it draws next depends on those three only, not on the random state it had nor on the
+    checkpoint's states, and differs between ranks and between steps."""
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
     saved = {"world_size": 2, "ranks": [rng_state(), rng_state()], "global_step": 5}
-    cb = ResumeState()
-    cb.setup(_fake_trainer(0, 1), None, "fit")
-    with pytest.warns(UserWarning, match="random states of 2 process"):
-        cb.load_state_dict(saved)
+
+    def draws_after_resume(rank: int, world: int, step: int, state_seed: int, seed: str = "0"):
+        monkeypatch.setenv("PL_GLOBAL_SEED", seed)
+        torch.manual_seed(state_seed), np.random.seed(state_seed), random.seed(state_seed)  # whatever it held
+        cb = ResumeState()
+        cb.setup(_fake_trainer(rank, world), None, "fit")
+        with pytest.warns(UserWarning, match=f"random states of 2 process\\(es\\) but this run has {world}"):
+            cb.load_state_dict({**saved, "global_step": step})
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    first = draws_after_resume(0, 1, 5, state_seed=1)
+    assert draws_after_resume(0, 1, 5, state_seed=2) == first  # reseeded: the state before does not matter
+    set_rng_state(saved["ranks"][0])  # nor is it the saved processes' stream
+    assert (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()) != first
+    assert draws_after_resume(0, 3, 5, state_seed=3) == first  # (seed, rank, step): not the world size
+    others = [draws_after_resume(1, 3, 5, 1), draws_after_resume(2, 3, 5, 1), draws_after_resume(0, 1, 6, 1),
+              draws_after_resume(0, 1, 5, 1, seed="1")]
+    for other in others:  # another rank, another step, another run seed: other streams (torch, NumPy, Python)
+        assert all(a != b for a, b in zip(other, first))
 
 
 def test_each_process_takes_its_own_state_from_the_checkpoint():

@@ -14,6 +14,7 @@ from distill.teacher_cache import (
     TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
     write_manifest,
 )
+from helpers.probes import LossInputs
 
 STUDENT = dict(patch_size=2, embed_dim=32, depth=1, num_heads=2, drop_path_rate=0.0)
 
@@ -139,6 +140,40 @@ def test_training_batches_carry_keys_and_old_batches_still_work(built, trainer_f
     module = DistillModule(student=dict(STUDENT), teacher=built["teacher"], warmup_epochs=0)
     trainer_factory(max_steps=2, limit_val_batches=0).fit(module, dm)
     assert module.teacher.cache is None
+
+
+def test_the_loss_gets_the_stored_logits_during_and_after_verification(built, trainer_factory):
+    """The cache feeds the loss: at every step, verified or not, the teacher logits handed to the loss
+    are the cache's rows of the batch's views (float16, top-5 rebuilt), not the live teacher's."""
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True, view_epochs=1)
+    module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           teacher_cache=TeacherCacheConfig(dir=str(built["dir"]), topk=5, verify_batches=1))
+    seen = LossInputs()
+    trainer_factory(max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[seen]).fit(module, dm)
+    assert module.teacher.cache.to_verify == 0 and len(seen.calls) == len(seen.batches) == 3
+    cache = TeacherCache(built["dir"])
+    for step, (call, (x, _, keys)) in enumerate(zip(seen.calls, seen.batches)):
+        assert torch.equal(call["teacher"], cache.logits(keys)), f"step {step}: the loss did not get the stored logits"
+        # ... which are not the live teacher's (a live forward has no rebuilt tail of the top 5)
+        assert not torch.equal(call["teacher"], module.teacher(x).float()), step
+
+
+def test_build_false_refuses_an_empty_directory_and_reads_a_built_cache(built, trainer_factory, tmp_path):
+    def fit(directory):
+        dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True,
+                             view_epochs=1)
+        module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                               teacher_cache=TeacherCacheConfig(dir=str(directory), topk=5, build=False))
+        trainer_factory(max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, dm)
+        return module
+
+    empty = tmp_path / "empty"
+    with pytest.raises(FileNotFoundError, match=f"model.teacher_cache: '{empty}' holds no cache and build is false"):
+        fit(empty)
+    assert not empty.exists()  # nothing built
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in built["dir"].iterdir())
+    assert fit(built["dir"]).teacher.cache is not None  # a built cache is read ...
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in built["dir"].iterdir()) == before  # ... not rebuilt
 
 
 @pytest.mark.parametrize(

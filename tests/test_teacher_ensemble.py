@@ -2,18 +2,19 @@
 a changed member refused, the cache keyed on every teacher, and a list of teachers from a recipe."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 
-import lightning as L
 import pytest
 import torch
 
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig
 from distill.cli import DistillCLI
-from distill.teacher_cache import TeacherCacheConfig
+from distill.teacher_cache import TeacherCache, TeacherCacheConfig
 from distill.teacher_ensemble import TeacherEnsemble, combine_logits
 
 from conftest import TINY_STUDENT
+from helpers.probes import LossInputs
 
 
 def test_combine_rules():
@@ -60,18 +61,14 @@ def test_ensemble_teaches_with_its_combination_and_logs_each_teacher(two_teacher
     module = DistillModule(StudentConfig(**TINY_STUDENT), teacher=[str(p) for p in two_teachers],
                            teacher_combine=combine, loss=DistillationLoss("hard"), warmup_epochs=0)
     assert isinstance(module.teacher, TeacherEnsemble) and len(module.teacher.members) == 2
-    seen = {}
-
-    class Spy(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            x = batch[0]
-            members = [m(x) for m in pl_module.teacher.members]
-            seen.setdefault("expected", combine_logits(members, combine))
-            seen.setdefault("given", pl_module.teacher.training_logits(batch))
-
+    seen = LossInputs()  # what the loss is handed at every step
     dm = ImageDataModule("digits", img_size=8, batch_size=32)
-    trainer = fit(module, trainer_factory, dm, callbacks=[Spy()])
-    torch.testing.assert_close(seen["given"], seen["expected"])
+    trainer = fit(module, trainer_factory, dm, callbacks=[seen])
+    assert len(seen.calls) == len(seen.batches) == 3
+    for step, (call, (x, _)) in enumerate(zip(seen.calls, seen.batches)):
+        members = [m(x) for m in module.teacher.members]  # each member on its own
+        assert not torch.allclose(members[0], members[1])
+        torch.testing.assert_close(call["teacher"], combine_logits(members, combine), msg=f"step {step}")
     metrics = trainer.callback_metrics
     # each teacher's accuracy and the combination's, counted by hand on the same two validation batches
     batches = [b for _, b in zip(range(2), dm.val_dataloader())]
@@ -96,7 +93,9 @@ def test_checkpoint_records_every_teacher_and_refuses_a_changed_one(two_teachers
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     members = ckpt["distill_teacher"]["members"]
     assert [m["path"] for m in members] == [str(p.resolve()) for p in two_teachers]
-    assert len({m["sha256"] for m in members}) == 2
+    for member, path in zip(members, two_teachers):  # the files' own sha256 (as `sha256sum` prints it)
+        assert member["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert members[0]["sha256"] != members[1]["sha256"]
     assert ckpt["hyper_parameters"]["teacher"] == [m["path"] for m in members]
     assert ckpt["hyper_parameters"]["teacher_sha256"] == [m["sha256"] for m in members]
 
@@ -111,13 +110,19 @@ def test_cache_keys_on_every_teacher(two_teachers, trainer_factory, tmp_path):
     dm_kwargs = dict(img_size=8, batch_size=32, keyed_views=True, view_epochs=1)
     cache = TeacherCacheConfig(dir=str(tmp_path / "cache"))
 
-    def run():
+    def run(*callbacks):
         module = DistillModule(StudentConfig(**TINY_STUDENT), teacher=[str(p) for p in two_teachers],
                                teacher_cache=cache, warmup_epochs=0)
-        fit(module, trainer_factory, ImageDataModule("digits", **dm_kwargs), max_steps=2, limit_val_batches=0)
+        fit(module, trainer_factory, ImageDataModule("digits", **dm_kwargs), max_steps=2, limit_val_batches=0,
+            callbacks=list(callbacks))
 
     run()
-    run()  # the same ensemble reads its cache
+    seen = LossInputs()
+    run(seen)  # the same ensemble reads its cache, which feeds the loss the stored combination
+    stored = TeacherCache(tmp_path / "cache")
+    assert len(seen.calls) == 2
+    for call, (_, _, keys) in zip(seen.calls, seen.batches):
+        assert torch.equal(call["teacher"], stored.logits(keys)), "the loss did not get the stored combination"
     change_fc(two_teachers[1])
     with pytest.raises(ValueError, match="stale: its teacher differs"):
         run()
@@ -144,3 +149,16 @@ def test_resume_with_another_number_of_teachers_is_refused(two_teachers, trainer
                                              rf"run has {n}; .*"):
             trainer_factory(max_steps=2, limit_val_batches=0).fit(make(teachers), ImageDataModule(
                 "digits", img_size=8, batch_size=32), ckpt_path=path)
+
+
+def test_ensemble_refusals_are_one_line_errors(two_teachers):
+    from distill import build_teacher
+
+    paths = [str(p) for p in two_teachers]
+    with pytest.raises(ValueError, match=r"^model.teacher_combine='max' is unknown; use mean_logits or mean_probs$"):
+        DistillModule(StudentConfig(**TINY_STUDENT), teacher=paths, teacher_combine="max")
+    torch.manual_seed(0)
+    five = build_teacher("cifar_resnet10", 5, in_chans=1, img_size=8, base_width=8)
+    with pytest.raises(ValueError, match=r"^model.teacher: the teachers predict different numbers of classes \[5, 10\]; "
+                                         r"distil from teachers trained on the same classes$"):
+        DistillModule(StudentConfig(**TINY_STUDENT), teacher=[paths[0], five])

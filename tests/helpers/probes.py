@@ -85,6 +85,32 @@ class CountValidation(L.Callback):
             _write(trainer, "val-counts.json", self.passes)
 
 
+class CountTest(CountValidation):
+    """CountValidation for `trainer.test`: each test pass's [count, checksum], saved by rank 0 as test-counts.json."""
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        CountValidation.on_validation_epoch_start(self, trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        CountValidation.on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        CountValidation.on_validation_epoch_end(self, trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if trainer.global_rank == 0:
+            _write(trainer, "test-counts.json", self.passes)
+
+
 def image_checksum(dataset) -> list[int]:
     """[count, checksum] of a dataset of (image tensor, label), as CountValidation sums them."""
     crcs = [zlib.crc32(dataset[i][0].contiguous().numpy().tobytes()) for i in range(len(dataset))]
@@ -98,3 +124,33 @@ class PeakAtFirstEpoch(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             pl_module.log("val/probe_peak", 1.0 / (1 + trainer.current_epoch))
+
+
+class LossInputs(L.Callback):
+    """In-process probe of a `DistillModule`'s loss: at every training step, what `pl_module.loss` was
+    called with (student output, teacher logits, target) and returned (`LossTerms`), and the batch the
+    step got (x, y and, with keyed views, the keys), all detached copies, one entry per step."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple] = []
+        self.calls: list[dict] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def detached(v):
+            if isinstance(v, (tuple, list)):
+                items = [detached(t) for t in v]
+                return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)  # LossTerms: a NamedTuple
+            return v.detach().clone() if torch.is_tensor(v) else v
+
+        def before(_module, args):
+            self.calls.append({"student": detached(args[0]), "teacher": detached(args[1]), "target": detached(args[2])})
+
+        def after(_module, _args, out):
+            self.calls[-1]["terms"] = detached(out)
+
+        pl_module.loss.register_forward_pre_hook(before)
+        pl_module.loss.register_forward_hook(after)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        x, y = batch[0].detach().clone(), batch[1].detach().clone()
+        self.batches.append((x, y, np.array(batch[2])) if len(batch) == 3 else (x, y))
