@@ -613,3 +613,37 @@ def test_fsdp_strategy_ignores_the_teacher_and_keeps_the_students_parameters():
     module.setup("validate")  # setup runs once per stage: the teacher is listed once
     assert strategy.kwargs["ignored_modules"] == [module.teacher] and strategy.kwargs["use_orig_params"] is True
     module._trainer = None
+
+
+# ------------------------------------------------------------------------------ function matching
+@pytest.mark.parametrize("on_device", [False, True])
+def test_function_matching_teacher_and_student_see_the_same_mixed_image(trainer_factory, tiny_student, on_device):
+    """Beyer et al.'s consistency: with mixup/cutmix, the live teacher gets exactly the mixed (and
+    cropped, flipped) image the student trains on, and the student's KL target is the teacher's output
+    on it; no ground-truth term at alpha 1 (the class labels are soft mixup targets, unused)."""
+    dm = digits(batch_size=16, crop="pad", hflip=0.5, mixup=0.8, cutmix=1.0, on_device=on_device)
+    module = DistillModule(StudentConfig(**tiny_student, distilled=False), teacher=bn_teacher(digits()),
+                           loss=DistillationLoss("soft", tau=1.0, alpha=1.0), warmup_epochs=0)
+    seen = {"teacher": [], "student": [], "targets": []}
+    module.teacher.network.register_forward_pre_hook(lambda _m, args: seen["teacher"].append(args[0].detach().clone()))
+    original = module.loss.forward
+
+    def loss(out, z_t, y):
+        seen["targets"].append((z_t.detach().clone(), y.detach().clone()))
+        terms = original(out, z_t, y)
+        assert float(terms.total) == pytest.approx(float(terms.distill))  # alpha 1: the KL alone
+        return terms
+
+    module.loss.forward = loss
+
+    class Inputs(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["student"].append(batch[0].detach().clone())
+
+    trainer_factory(max_steps=3, limit_val_batches=0, callbacks=[Inputs()]).fit(module, dm)
+    assert len(seen["student"]) == len(seen["teacher"]) == 3
+    for x_student, x_teacher, (z_t, y) in zip(seen["student"], seen["teacher"], seen["targets"]):
+        assert torch.equal(x_student, x_teacher)  # the same tensor: crops, flips and mixing shared
+        assert y.ndim == 2 and not torch.equal(y.max(-1).values, torch.ones(len(y)))  # mixed soft targets
+        with torch.no_grad():
+            torch.testing.assert_close(z_t, module.teacher.network(x_teacher).float())
