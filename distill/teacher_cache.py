@@ -40,6 +40,7 @@ import json
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
@@ -394,6 +395,21 @@ def write_manifest(directory: str | Path, fields: dict[str, Any], *, num_samples
     tmp.replace(Path(directory) / MANIFEST)
 
 
+@contextmanager
+def _build_lock(directory: Path, rank: int):
+    """An exclusive lock on building shard `rank` of `directory`, across processes (flock): a second
+    process that wants the same cache waits until the first has written it."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".build-{rank:04d}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def has_cache(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
 
@@ -496,15 +512,20 @@ def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device |
         if not cfg.build:
             raise FileNotFoundError(f"model.teacher_cache: {str(directory)!r} holds no cache and build is false")
         rank, world = trainer.global_rank, trainer.world_size
-        batches = _build_batches(dm, views, rank, world, cfg.batch_size)
-        build_cache(directory, teacher, batches, num_samples=expected["data"]["num_samples"], num_classes=num_classes,
-                    views=views, topk=cfg.topk, dtype=cfg.dtype, rank=rank, world_size=world, device=device,
-                    autocast=trainer.precision_plugin.forward_context)
-        trainer.strategy.barrier("teacher_cache_build")
-        if rank == 0:
-            write_manifest(directory, expected, num_samples=expected["data"]["num_samples"], num_classes=num_classes,
-                           views=views, topk=expected["topk"], dtype=cfg.dtype, world_size=world)
-        trainer.strategy.barrier("teacher_cache_manifest")
+        # Several runs sharing one cache (e.g. the workers of a study) start together: the first builds,
+        # the others wait for it here and then read what it built.
+        with _build_lock(directory, rank):
+            if not has_cache(directory):
+                batches = _build_batches(dm, views, rank, world, cfg.batch_size)
+                build_cache(directory, teacher, batches, num_samples=expected["data"]["num_samples"],
+                            num_classes=num_classes, views=views, topk=cfg.topk, dtype=cfg.dtype, rank=rank,
+                            world_size=world, device=device, autocast=trainer.precision_plugin.forward_context)
+                trainer.strategy.barrier("teacher_cache_build")
+                if rank == 0:
+                    write_manifest(directory, expected, num_samples=expected["data"]["num_samples"],
+                                   num_classes=num_classes, views=views, topk=expected["topk"], dtype=cfg.dtype,
+                                   world_size=world)
+                trainer.strategy.barrier("teacher_cache_manifest")
     cache = TeacherCache(directory)
     cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "topk", "dtype")})
     if view_epochs is None and cache.views < (trainer.max_epochs or 1):

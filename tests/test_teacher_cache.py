@@ -317,3 +317,45 @@ def test_a_second_fit_with_other_data_checks_the_cache_again(trainer_factory, tm
     # the same data again: opened anew and verified again against the live teacher
     trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, ImageDataModule("digits", **kwargs))
     assert module.teacher.cache is not first and module.teacher.cache.to_verify == 0
+
+
+def test_two_processes_starting_together_build_the_shared_cache_once(tmp_path):
+    """Two runs of a study start at the same time on one `{teacher_dir}/cache`: one builds it (slowly
+    here), the other waits for it and reads it; neither writes over the other's shard."""
+    import multiprocessing
+    import time
+
+    import distill.teacher_cache as tc
+    from conftest import make_trainer
+
+    builds = tmp_path / "builds.txt"
+    real_build = tc.build_cache
+
+    def slow_build(*args, **kwargs):
+        with open(builds, "a") as f:
+            f.write("build\n")
+        time.sleep(1.0)  # the other process arrives meanwhile
+        return real_build(*args, **kwargs)
+
+    def run(i, queue):
+        tc.build_cache = slow_build
+        torch.set_num_threads(1)
+        try:
+            dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True, view_epochs=1)
+            module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                                   teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache")))
+            make_trainer(tmp_path / f"run{i}", max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+            queue.put((i, module.teacher.cache is not None and module.teacher.cache.to_verify == 0))
+        except Exception as e:  # noqa: BLE001
+            queue.put((i, repr(e)))
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=run, args=(i, queue)) for i in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert results == {0: True, 1: True}
+    assert builds.read_text().count("build") == 1
