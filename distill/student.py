@@ -432,11 +432,12 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             # data or transforms, which the cache built for the first one must not answer for.
             self.teacher.attach_cache(None)
             if use_cache:
-                from .teacher_cache import open_cache, resolve_topk
+                from .teacher_cache import compute_precision, open_cache, resolve_topk
 
                 cache_cfg = resolve_topk(cache_cfg, self.loss.mode == "hard", self.teacher.identity["num_classes"])
                 cache = open_cache(self.teacher, cache_cfg, self.trainer, self.device)
-                self.teacher.attach_cache(CachedTeacher(cache, cache_cfg.verify_batches, str(self.trainer.precision)))
+                self.teacher.attach_cache(CachedTeacher(cache, cache_cfg.verify_batches,
+                                                        compute_precision(self.teacher, self.trainer)))
         if hp.compile_student and self.student is not None and not self._student_compiled:
             self._student_compiled = True
             self.student.compile()

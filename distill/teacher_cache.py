@@ -428,6 +428,17 @@ def teacher_fields(identity: dict[str, Any], teacher_input: nn.Module) -> dict[s
                            resize=teacher_input.describe() if hasattr(teacher_input, "describe") else None))
 
 
+def compute_precision(teacher, trainer=None) -> str | None:
+    """The precision the teacher's logits are computed in: the trainer's, and the teacher's own dtype
+    when it is kept in another one (`teacher_dtype`, e.g. "32-true, teacher bfloat16"); verification
+    allows for the rounding of a 16-bit pass."""
+    if trainer is None:
+        return None
+    first = teacher.members[0] if hasattr(teacher, "members") else teacher
+    cast = getattr(first, "_cast", None)
+    return f"{trainer.precision}, teacher {str(cast).replace('torch.', '')}" if cast is not None else str(trainer.precision)
+
+
 def cache_manifest(teacher, cfg: TeacherCacheConfig, trainer=None, dm=None) -> dict[str, Any]:
     """The manifest fields that identify the live set-up: the teacher (`FrozenTeacher`, or an ensemble
     with `members`: every member's fingerprint), the precision, storage and, with a datamodule, the data
@@ -439,7 +450,7 @@ def cache_manifest(teacher, cfg: TeacherCacheConfig, trainer=None, dm=None) -> d
     else:
         teacher_entry = teacher_fields(teacher.identity, teacher.input)
     num_classes = teacher.identity.get("num_classes")
-    fields: dict[str, Any] = dict(teacher=teacher_entry, precision=str(trainer.precision) if trainer is not None else None)
+    fields: dict[str, Any] = dict(teacher=teacher_entry, precision=compute_precision(teacher, trainer))
     fields.update(topk=min(int(cfg.topk), num_classes or cfg.topk) if cfg.topk else None, dtype=cfg.dtype)
     if dm is not None:
         source = _view_source(dm)

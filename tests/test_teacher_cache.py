@@ -359,3 +359,15 @@ def test_two_processes_starting_together_build_the_shared_cache_once(tmp_path):
         p.join(30)
     assert results == {0: True, 1: True}
     assert builds.read_text().count("build") == 1
+
+
+def test_a_bfloat16_teacher_builds_and_verifies_its_cache(trainer_factory, tmp_path):
+    """`teacher_dtype: bfloat16` on a float32 run (2x faster teacher forwards on CPUs with avx512_bf16):
+    the manifest says the logits were computed in bfloat16, and verification allows for its rounding."""
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True, view_epochs=1)
+    module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           teacher_dtype="bfloat16", teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache"),
+                                                                                      verify_batches=3))
+    trainer_factory(max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(module, dm)
+    assert TeacherCache(tmp_path / "cache").manifest["precision"] == "32-true, teacher bfloat16"
+    assert module.teacher.cache.to_verify == 0 and module.teacher.cache.precision == "32-true, teacher bfloat16"
