@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from distill import DistillationLoss, DistillModule, ImageDataModule, build_teacher
+from distill.data.keyed_views import KeyedViews
 from distill.losses import soft_distillation
-from distill.keyed_views import KeyedViews
-from distill.teacher_cache import (
+from distill.teacher.cache import (
     TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
     write_manifest,
 )
