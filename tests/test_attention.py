@@ -229,7 +229,7 @@ def test_cli_runs_as_module(tmp_path, monkeypatch, capsys):
 def test_attention_logger_writes_pngs_and_logs_to_wandb(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-    from distill.callbacks import AttentionLogger
+    from distill.inspect.callbacks import AttentionLogger
 
     class FakeWandb(WandbLogger):
         """A WandbLogger that records log_image calls instead of starting a W&B run."""

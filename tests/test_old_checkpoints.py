@@ -2,8 +2,9 @@
 before the package moved into subpackages) load, resume, export and predict with today's code, and
 answer what they answered then.
 
-Only paths a user types are used here (`from distill import ...`, the `distill` command), so this file
-ran unchanged before and after the move.
+Up to the last test, only paths a user types are used (`from distill import ...`, the `distill` command),
+so they ran unchanged before and after the move; the last checks the former module paths that files of
+an older release name.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from distill.cli import main as distill
 FIXTURES = Path(__file__).parent / "fixtures"
 TEACHER, STUDENT = FIXTURES / "teacher.ckpt", FIXTURES / "student.ckpt"
 EXPORT, DIGIT = FIXTURES / "student.safetensors", FIXTURES / "digit.png"
+STUDENT_RECIPE = FIXTURES.parents[1] / "recipes" / "digits" / "student.yaml"
 
 
 def checkpoint(path: Path) -> dict:
@@ -65,7 +67,7 @@ def test_old_checkpoints_resume_a_fit(kind, tmp_path):
 
 def test_an_old_student_resumes_through_the_recipe(tmp_path):
     root = tmp_path / "run"
-    code = distill(["fit", "--config", "recipes/digits/student.yaml", "--model.init_args.teacher", str(TEACHER),
+    code = distill(["fit", "--config", str(STUDENT_RECIPE), "--model.init_args.teacher", str(TEACHER),
                     "--model.init_args.student.embed_dim", "16", "--model.init_args.student.depth", "1",
                     "--model.init_args.student.num_heads", "2", "--trainer.max_epochs", "2",
                     "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
@@ -132,3 +134,22 @@ def test_old_checkpoints_export_as_hub_folders(kind, tmp_path):
     result = export_hf(TEACHER if kind == "teacher" else STUDENT, tmp_path / kind, dataset="digits", wandb_link=False)
     assert result.max_diff < 1e-5  # the folder, loaded by timm, returns the checkpoint's logits
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in result.folder.iterdir()}
+
+
+def test_former_module_paths_that_recipes_and_model_cards_name_still_resolve():
+    # a recipe of an older release adds the callback by its former path; model cards exported before
+    # (and since: the card keeps the line) say `import distill.cifar_resnet` to register the CIFAR ResNets
+    import timm
+
+    import distill.cifar_resnet
+    from distill.commands.recipe_cli import DistillCLI
+    from distill.inspect.callbacks import AttentionLogger
+    from distill.models import cifar_resnet
+
+    config = DistillCLI.parse_recipe(["--config", str(STUDENT_RECIPE), "--trainer.callbacks",
+                                      '[{"class_path": "distill.callbacks.AttentionLogger"}]'])
+    assert config.trainer.callbacks[0].class_path == "distill.callbacks.AttentionLogger"
+    from distill.callbacks import AttentionLogger as former
+
+    assert former is AttentionLogger
+    assert distill.cifar_resnet.CifarResNet is cifar_resnet.CifarResNet and timm.is_model("cifar_resnet10")
