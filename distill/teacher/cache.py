@@ -213,7 +213,7 @@ class TeacherCache:
         only by a cache of every logit, since top-k logits rebuilt with a uniform tail are another
         distribution; a number (hard distillation reads the argmax) is served by any cache."""
         m = self.manifest
-        if "topk" in expected and expected["topk"] is None and m.get("topk"):
+        if "topk" in expected and expected["topk"] is None and m.get("topk") and int(m["topk"]) < int(m["num_classes"]):
             raise ValueError(
                 f"teacher cache {str(self.dir)!r} holds only the top {m['topk']} of {m.get('num_classes')} logits (built "
                 f"for hard distillation), and this loss reads the whole distribution; point model.teacher_cache.dir "
