@@ -13,21 +13,21 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "DistillationLoss": "losses",
     "LossTerms": "losses",
-    "build_teacher": "models",
-    "build_student": "models",
-    "model_meta": "models",
-    "student_heads": "models",
-    "TeacherModule": "teacher",
-    "DistillModule": "student",
-    "StudentConfig": "student",
-    "ImageDataModule": "data",
-    "load_student": "student",
-    "FrozenTeacher": "frozen_teacher",
-    "TeacherEnsemble": "teacher_ensemble",
-    "FeatureGuidanceConfig": "feature_guidance",
-    "TeacherCacheConfig": "teacher_cache",
-    "export_hf": "hf_export",
-    "push": "hub",
+    "build_teacher": "models.build",
+    "build_student": "models.build",
+    "model_meta": "models.meta",
+    "student_heads": "models.heads",
+    "TeacherModule": "teacher.module",
+    "DistillModule": "student.module",
+    "StudentConfig": "student.module",
+    "ImageDataModule": "data.datamodule",
+    "load_student": "student.module",
+    "FrozenTeacher": "teacher.frozen",
+    "TeacherEnsemble": "teacher.ensemble",
+    "FeatureGuidanceConfig": "student.feature_guidance",
+    "TeacherCacheConfig": "teacher.cache",
+    "export_hf": "sharing.hf_export",
+    "push": "sharing.hub",
 }
 
 __all__ = list(_EXPORTS)
@@ -48,14 +48,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
-    from .data import ImageDataModule
-    from .feature_guidance import FeatureGuidanceConfig
-    from .hf_export import export_hf
-    from .hub import push
-    from .frozen_teacher import FrozenTeacher
+    from .data.datamodule import ImageDataModule
     from .losses import DistillationLoss, LossTerms
-    from .models import build_student, build_teacher, model_meta, student_heads
-    from .student import DistillModule, StudentConfig, load_student
-    from .teacher import TeacherModule
-    from .teacher_cache import TeacherCacheConfig
-    from .teacher_ensemble import TeacherEnsemble
+    from .models.build import build_student, build_teacher
+    from .models.heads import student_heads
+    from .models.meta import model_meta
+    from .sharing.hf_export import export_hf
+    from .sharing.hub import push
+    from .student.feature_guidance import FeatureGuidanceConfig
+    from .student.module import DistillModule, StudentConfig, load_student
+    from .teacher.cache import TeacherCacheConfig
+    from .teacher.ensemble import TeacherEnsemble
+    from .teacher.frozen import FrozenTeacher
+    from .teacher.module import TeacherModule

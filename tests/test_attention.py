@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, build_student
-from distill.attention import attention_maps, attention_probs, rollout
-from distill.attention_cli import main as attention_main
-from distill.attention_plots import figure_size
+from distill.commands.attention import main as attention_main
+from distill.inspect.attention import attention_maps, attention_probs, rollout
+from distill.inspect.plots import figure_size
 
 DPI = 40  # small PNGs keep the tests fast; sizes scale exactly with dpi
 
@@ -216,10 +216,10 @@ def test_cli_errors_are_one_line(case, digits_ckpt, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules.*:RuntimeWarning")
 def test_cli_runs_as_module(tmp_path, monkeypatch, capsys):
-    """`python -m distill.attention_cli ...` (run in-process: a fresh interpreter costs ~10 s of imports)."""
+    """`python -m distill.commands.attention ...` (run in-process: a fresh interpreter costs ~10 s of imports)."""
     monkeypatch.setattr(sys, "argv", ["attention_cli", str(tmp_path / "missing.ckpt"), str(tmp_path), "--out", "o"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("distill.attention_cli", run_name="__main__")
+        runpy.run_module("distill.commands.attention", run_name="__main__")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
@@ -229,7 +229,7 @@ def test_cli_runs_as_module(tmp_path, monkeypatch, capsys):
 def test_attention_logger_writes_pngs_and_logs_to_wandb(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-    from distill.callbacks import AttentionLogger
+    from distill.inspect.callbacks import AttentionLogger
 
     class FakeWandb(WandbLogger):
         """A WandbLogger that records log_image calls instead of starting a W&B run."""

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from distill import build_teacher
-from distill.cli import main
+from distill.commands.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = str(REPO / "recipes/digits/teacher.yaml")
@@ -145,7 +145,7 @@ def test_batch_larger_than_dataset_with_drop_last(capsys, tmp_path):
 
 
 def test_large_folders_skip_unreadable_files_while_reading(tmp_path, monkeypatch):
-    from distill.data import ImageFolderDataset
+    from distill.data.datasets import ImageFolderDataset
 
     root = _folder(tmp_path / "data", n_per_class=20, bad=1) / "train"
     monkeypatch.setattr(ImageFolderDataset, "verify_limit", 10)  # as if the folder were too large to check

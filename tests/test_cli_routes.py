@@ -54,7 +54,7 @@ def test_import_distill_is_lazy_and_keeps_its_names():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split("\n")[:2] == ["[]", "True distill.student"]
+    assert res.stdout.split("\n")[:2] == ["[]", "True distill.student.module"]
     import distill
 
     assert set(distill.__all__) <= set(dir(distill))

@@ -331,7 +331,7 @@ def test_all_grayscale_folder_is_one_channel_and_in_chans_forces(tmp_path):
 
 
 def test_large_folders_decide_the_colour_mode_from_a_spread_sample(tmp_path, monkeypatch):
-    from distill.data import ImageFolderDataset
+    from distill.data.datasets import ImageFolderDataset
 
     monkeypatch.setattr(ImageFolderDataset, "verify_limit", 4)  # as if too large to open every file
     monkeypatch.setattr(ImageFolderDataset, "mode_sample", 3, raising=False)  # first, middle, last file of a split

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill import DistillModule, ImageDataModule
-from distill.device_data import DeviceImageLoader, decode_uint8
+from distill.data.device_loader import DeviceImageLoader, decode_uint8
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

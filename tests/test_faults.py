@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from distill import build_teacher
-from distill.cli import main
-from distill.fault_tolerance import AtomicCheckpointIO
+from distill.commands.main import main
+from distill.training.fault_tolerance import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = str(REPO / "recipes/digits/teacher.yaml")
@@ -64,7 +64,7 @@ def test_killed_checkpoint_write_leaves_previous_checkpoint_whole(tmp_path):
     # A child process starts writing the next checkpoint and is SIGKILLed halfway through torch.save.
     script = f"""
 import os, signal, torch
-from distill.fault_tolerance import AtomicCheckpointIO
+from distill.training.fault_tolerance import AtomicCheckpointIO
 real_save = torch.save
 def dying_save(obj, f, *a, **k):
     f.write(b"PK\\x03\\x04 half a checkpoint")

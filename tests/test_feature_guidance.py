@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, build_teacher
-from distill.feature_guidance import FeatureGuidanceConfig
+from distill.student.feature_guidance import FeatureGuidanceConfig
 
 STUDENT = dict(patch_size=2, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
 GUIDE = dict(student_blocks=[0, -1], teacher_layers=["stages.0", "stages.2"], weight=2.5)
@@ -108,7 +108,7 @@ def test_bad_guidance_settings_are_one_line_errors(tiny_teacher_ckpt, tmp_path):
 @pytest.mark.parametrize("teacher_dtype", [None, "bfloat16"])
 def test_guided_checkpoint_holds_no_teacher_and_reload_keeps_the_teacher_files_weights(
         trainer_factory, tiny_teacher_ckpt, tmp_path, teacher_dtype):
-    from distill.frozen_teacher import FrozenTeacher
+    from distill.teacher.frozen import FrozenTeacher
 
     module = DistillModule(StudentConfig(**STUDENT), teacher=str(tiny_teacher_ckpt), warmup_epochs=0,
                            feature_guidance=dict(GUIDE), teacher_dtype=teacher_dtype)

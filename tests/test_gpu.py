@@ -115,7 +115,7 @@ def cifar_folder(root: Path, per_class: dict[str, int]) -> Path:
 
 
 def test_on_device_cifar_loader_on_cuda(tmp_path):
-    from distill.device_data import DeviceImageLoader
+    from distill.data.device_loader import DeviceImageLoader
 
     root = cifar_folder(tmp_path / "cifar", {"train": 20, "val": 5})
     dm = ImageDataModule("imagefolder", root=str(root), img_size=32, batch_size=50, mean=CIFAR_MEAN, std=CIFAR_STD,
@@ -147,7 +147,7 @@ def test_on_device_cifar_loader_on_cuda(tmp_path):
 
 # ------------------------------------------------------------------------------------- teacher cache
 def test_teacher_cache_built_and_read_on_cuda(tmp_path):
-    from distill.teacher_cache import TeacherCache, TeacherCacheConfig
+    from distill.teacher.cache import TeacherCache, TeacherCacheConfig
 
     cache_dir = tmp_path / "cache"
 

@@ -23,10 +23,13 @@ from PIL import Image
 
 from huggingface_hub import HfApi
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, TeacherModule
-from distill.hf_export import export_hf
-from distill.models import build_student, build_teacher, load_weights_file, sha256_of, student_heads
-from distill.student import load_student
-from distill.transforms import build_eval_transform, eval_spec_of
+from distill.data.transforms import build_eval_transform
+from distill.models.build import build_student, build_teacher
+from distill.models.heads import student_heads
+from distill.models.meta import eval_spec_of
+from distill.models.weights import load_weights_file, sha256_of
+from distill.sharing.hf_export import export_hf
+from distill.student.module import load_student
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_CREATE_REPO = HfApi.create_repo  # before any test replaces it
@@ -69,7 +72,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def trained(tmp_path_factory, tiny_teacher_ckpt):
     """A tiny student distilled for 3 steps from the tiny teacher, and hf exports of both: the
     student with each head (cls through the CLI), the teacher."""
-    from distill.cli import main
+    from distill.commands.main import main
 
     root = tmp_path_factory.mktemp("hub")
     L.seed_everything(0)
@@ -188,7 +191,7 @@ def test_model_card_is_hub_yaml_with_lineage_accuracies_and_command(trained):
 
 
 def test_export_writes_nothing_when_refused_or_when_the_check_fails(trained, tmp_path, monkeypatch):
-    import distill.hf_export as hf_export
+    import distill.sharing.hf_export as hf_export
 
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -328,7 +331,7 @@ def hub_api(monkeypatch):
 
 
 def _push(*args: str) -> tuple[int, str]:
-    from distill.cli import main
+    from distill.commands.main import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -364,8 +367,8 @@ def test_push_without_token_or_network_says_so_in_one_line_and_sends_nothing(tra
 
 def test_push_creates_the_repo_then_uploads_the_folder_in_one_commit(trained, tmp_path, monkeypatch, hub_api,
                                                                      no_network):
-    import distill.model_sources as sources
-    from distill.hub import push
+    import distill.models.sources as sources
+    from distill.sharing.hub import push
 
     folder = tmp_path / "export"
     shutil.copytree(trained.student["fused"], folder)
@@ -392,7 +395,7 @@ def test_push_creates_the_repo_then_uploads_the_folder_in_one_commit(trained, tm
 
 # ------------------------------------------------------------------------------------------- W&B
 def test_wandb_log_model_and_export_artifacts_in_the_offline_run_folder(tmp_path, monkeypatch):
-    from distill.cli import main
+    from distill.commands.main import main
     from helpers.wandb_records import finish_and_flush, read_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 
 from distill import ImageDataModule, TeacherModule
-from distill.optim import warmup_cosine
+from distill.training.optim import warmup_cosine
 
 LR = 1e-2
 
@@ -91,7 +91,7 @@ def test_layer_decay_on_a_cifar_resnet_groups_the_stem_then_each_block():
     import timm
     import distill  # noqa: F401 - registers the CIFAR ResNets
 
-    from distill.optim import adamw
+    from distill.training.optim import adamw
 
     model = timm.create_model("cifar_resnet18", num_classes=10, base_width=8)  # 4 stages x 2 blocks
     decay = 0.5

@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from distill.pipeline import resolve_recipe
+from distill.commands.pipeline import resolve_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.relative_to(REPO / "recipes").as_posix() for p in (REPO / "recipes").glob("*/*.yaml"))
@@ -37,7 +37,7 @@ def test_wheel_ships_the_recipes_and_resolves_them_by_name(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import distill, distill.pipeline as p; from distill.cli import DistillCLI; "
+    code = ("import distill, distill.commands.pipeline as p; from distill.cli import DistillCLI; "
             "r = p.resolve_recipe('digits'); c = DistillCLI.parse_recipe(['--config', str(r / 'student.yaml')]); "
             "print(distill.__file__); print(r); print(c.model.class_path)")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
@@ -56,3 +56,12 @@ def test_pyproject_lists_every_recipe_folder():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {f"distill.recipes.{p.name}" for p in (REPO / "recipes").iterdir() if any(p.glob("*.yaml"))}
     assert folders <= listed, sorted(folders - listed)
+
+
+def test_pyproject_lists_every_subpackage():
+    """setuptools' explicit list: a subpackage missing from it would be left out of the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    subpackages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "distill").rglob("__init__.py")}
+    assert subpackages <= listed, sorted(subpackages - listed)

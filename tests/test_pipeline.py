@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.cli import DistillCLI, main
-from distill.pipeline import run_pipeline, split_overrides
+from distill.commands.main import main
+from distill.commands.pipeline import run_pipeline, split_overrides
+from distill.commands.recipe_cli import DistillCLI
 from helpers.wandb_records import WandbRun, finish_and_flush
 
 REPO = Path(__file__).resolve().parent.parent
@@ -279,7 +280,7 @@ def test_run_step_scores_by_the_last_checkpoint_when_asked(tmp_path, monkeypatch
     not the best one, here a checkpoint chosen at epoch 0 by a monitored value that peaks there."""
     import csv
 
-    from distill.pipeline import run_step
+    from distill.commands.pipeline import run_step
 
     monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
     root = tmp_path / "run"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from distill import (DistillationLoss, DistillModule, ImageDataModule, StudentConfig, TeacherModule, build_teacher,
                      load_student, student_heads)
-from distill.predict import find_images, main as predict_main, predict
+from distill.commands.predict import find_images, main as predict_main, predict
 
 
 def quiet_trainer(root: Path, **kwargs) -> L.Trainer:
@@ -135,7 +135,7 @@ def test_topk_is_capped_at_the_number_of_classes(ckpts, images, capsys):
 
 def test_one_head_student_has_only_fused():
     from distill import build_student
-    from distill.predict import head_probabilities
+    from distill.models.heads import head_probabilities
 
     torch.manual_seed(0)
     model = build_student("deit_tiny_patch16_224", num_classes=5, img_size=8, patch_size=4, in_chans=3, embed_dim=32,
@@ -182,10 +182,10 @@ def test_errors_are_one_line(case, ckpts, images, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules.*:RuntimeWarning")
 def test_runs_as_module(ckpts, images, monkeypatch, capsys):
-    """`python -m distill.predict ...` (run in-process: a fresh interpreter costs ~10 s of imports)."""
+    """`python -m distill.commands.predict ...` (run in-process: a fresh interpreter costs ~10 s of imports)."""
     monkeypatch.setattr(sys, "argv", ["predict", str(ckpts["student"]), str(images[0]), "--format", "json", "--topk", "2"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("distill.predict", run_name="__main__")
+        runpy.run_module("distill.commands.predict", run_name="__main__")
     assert exit_info.value.code == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["image"] == str(images[0]) and len(out[0]["heads"]["fused"]) == 2

@@ -36,8 +36,8 @@ from distill import (
     build_teacher,
     load_student,
 )
-from distill.cli import main
-from distill.pretrained import registry_cfg
+from distill.commands.main import main
+from distill.models.pretrained import registry_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = dict(patch_size=2, embed_dim=32, depth=1, num_heads=2)
@@ -102,7 +102,7 @@ def folder3(tmp_path_factory) -> str:
 def weights(tmp_path_factory, tiny_teacher_ckpt):
     """The "pretrained" files: a teacher (step-1 checkpoint of a cifar_resnet10 after 3 steps on digits)
     and a student (step-2 checkpoint of a tiny DeiT after 3 steps on digits), each in every format."""
-    from distill.export import export
+    from distill.commands.export import export
 
     root = tmp_path_factory.mktemp("pretrained_files")
     teacher_sd = build_teacher("cifar_resnet10", checkpoint=tiny_teacher_ckpt).state_dict()
@@ -232,7 +232,7 @@ def test_same_class_count_other_class_names_gets_new_heads(weights):
 
 
 def test_export_fed_back_as_pretrained_gives_the_same_logits(weights, tmp_path):
-    from distill.export import main as export_main
+    from distill.commands.export import main as export_main
 
     ckpt = weights["student"]["step2"]
     reference = load_student(ckpt)
@@ -486,7 +486,7 @@ def test_data_takes_mean_std_and_size_from_the_pretrained_weights_unless_set(wei
 
 # ------------------------------------------------------------------------------------- the recipe
 def test_transfer_recipe_runs_offline_from_files(weights, folder3, tmp_path):
-    from distill.pipeline import run_pipeline
+    from distill.commands.pipeline import run_pipeline
 
     summary = run_pipeline("transfer", out=str(tmp_path / "run"), overrides=[
         "--data.root", folder3, "--data.img_size", "16", "--data.batch_size", "8", "--data.num_workers", "0",
@@ -505,21 +505,21 @@ def test_transfer_recipe_runs_offline_from_files(weights, folder3, tmp_path):
 def test_transfer_study_tool_runs_and_writes_its_report(tmp_path, monkeypatch):
     import json
 
-    import distill.pretrained
+    import distill.models.pretrained
     from conftest import load_tool
 
     study = load_tool("transfer_study")
     monkeypatch.setattr(study, "PRE_EPOCHS", dict(teacher=1, student=1))
     monkeypatch.setattr(study, "NEW_EPOCHS", dict(teacher=1, student=1))
     loads = []  # every network built from pretrained weights: (name, source, report line)
-    create = distill.pretrained.create_pretrained
+    create = distill.models.pretrained.create_pretrained
 
     def recorded(name, weights, **kwargs):
         model = create(name, weights, **kwargs)
         loads.append((name, weights.source, model.pretrained_report))
         return model
 
-    monkeypatch.setattr(distill.pretrained, "create_pretrained", recorded)
+    monkeypatch.setattr(distill.models.pretrained, "create_pretrained", recorded)
     threads = torch.get_num_threads()
     try:
         assert study.main(["--seeds", "0", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.progress import EpochLines
+from distill.training.progress import EpochLines
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--config", str(REPO / "recipes/digits/teacher.yaml"), "--model.init_args.model", "cifar_resnet10",
@@ -54,7 +54,7 @@ class Log(io.StringIO):
 @pytest.mark.parametrize("stdout, flag, bar", [(Terminal, None, True), (Log, None, False),
                                                (Log, "true", True), (Terminal, "false", False)])
 def test_the_bar_on_a_terminal_and_the_users_setting_wins(tmp_path, monkeypatch, stdout, flag, bar):
-    from distill.recipe_cli import DistillCLI
+    from distill.commands.recipe_cli import DistillCLI
 
     monkeypatch.setattr(sys, "stdout", stdout())
     args = [*TINY, "--trainer.default_root_dir", str(tmp_path / "run")]

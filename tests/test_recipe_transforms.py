@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from distill import ImageDataModule
-from distill.cli import DistillCLI
-from distill.data import CIFAR_STATS
-from distill.transforms import augment_ops, posterize_old_pillow
+from distill.commands.recipe_cli import DistillCLI
+from distill.data.datasets import CIFAR_STATS
+from distill.data.transforms import augment_ops, posterize_old_pillow
 
 REPO = Path(__file__).resolve().parent.parent
 # the step recipes (teacher*.yaml, student*.yaml), not the extra configs some recipes ship (guidance.yaml)
@@ -219,7 +219,7 @@ def tiny_rgb_folder(tmp_path_factory) -> Path:
 
 
 def fit_recipe(recipe: Path, args: list[str], root: Path) -> Path:
-    from distill.lineage import finish_wandb
+    from distill.training.lineage import finish_wandb
 
     cli = DistillCLI(args=["--config", str(recipe), *args, "--trainer.default_root_dir", str(root)], run=False)
     assert cli.datamodule.hparams.auto_augment == data_section(recipe)["auto_augment"]  # augmentation kept

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from distill.cli import DistillCLI
-from distill.optim import scaled_lr
+from distill.commands.recipe_cli import DistillCLI
+from distill.training.optim import scaled_lr
 
 REPO = Path(__file__).resolve().parent.parent
 STUDENTS = {"student.yaml": "tiny", "student_small.yaml": "small", "student_base.yaml": "base"}

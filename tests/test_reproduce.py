@@ -132,7 +132,7 @@ VARIANT_TOKEN = {"none": False, "soft": False, "hard": False, "fm": False, "none
 @pytest.mark.parametrize("variant", sorted(reproduce.VARIANTS))
 def test_every_variant_resolves_to_its_method(variant):
     from distill import DistillationLoss
-    from distill.cli import DistillCLI
+    from distill.commands.recipe_cli import DistillCLI
 
     assert set(VARIANT_LOSS) == set(reproduce.VARIANTS)
     recipe = REPO / "recipes/digits"

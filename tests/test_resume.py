@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from distill.fault_tolerance import ResumeState, rng_state, set_rng_state
-from distill.keyed_views import KeyedLoader, KeyedViews, ViewKeySampler, keyed_train_loader
+from distill.data.keyed_views import KeyedLoader, KeyedViews, ViewKeySampler, keyed_train_loader
+from distill.training.fault_tolerance import ResumeState, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parent.parent
 STUDENT = str(REPO / "recipes/digits/student.yaml")
@@ -216,7 +216,7 @@ def test_student_with_keyed_views_resumes_mid_epoch_bit_identically(tmp_path, ti
 
 
 def test_last_checkpoint_is_the_last_state_when_the_metric_peaked_early(tmp_path, monkeypatch):
-    from distill.cli import main
+    from distill.commands.main import main
 
     monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
     root = tmp_path / "run"
@@ -277,7 +277,7 @@ def test_keyed_resume_at_an_epoch_boundary_with_workers_trains_the_resumed_epoch
 def test_last_checkpoint_holds_the_validation_after_a_step_checkpoint_at_the_same_step(tmp_path, monkeypatch):
     """A step checkpoint on an epoch's last step is written before that epoch's validation; `last`
     must be written again after it (Lightning skips a second save at the same step)."""
-    from distill.cli import main
+    from distill.commands.main import main
 
     monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
     root = tmp_path / "run"

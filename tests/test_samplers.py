@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from distill import ImageDataModule
-from distill.samplers import RepeatedAugSampler
+from distill.data.samplers import RepeatedAugSampler
 
 
 class Sized(torch.utils.data.Dataset):

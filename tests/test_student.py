@@ -23,7 +23,7 @@ from distill import (
     load_student,
     model_meta,
 )
-from distill.frozen_teacher import TeacherInput
+from distill.teacher.frozen import TeacherInput
 from conftest import make_trainer
 
 VAL_NAMES = ("val/acc", "val/acc_cls", "val/acc_dist", "val/acc_teacher", "val/agreement")

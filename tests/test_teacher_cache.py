@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from distill import DistillationLoss, DistillModule, ImageDataModule, build_teacher
+from distill.data.keyed_views import KeyedViews
 from distill.losses import soft_distillation
-from distill.keyed_views import KeyedViews
-from distill.teacher_cache import (
+from distill.teacher.cache import (
     TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
     write_manifest,
 )
@@ -325,7 +325,7 @@ def test_two_processes_starting_together_build_the_shared_cache_once(tmp_path):
     import multiprocessing
     import time
 
-    import distill.teacher_cache as tc
+    import distill.teacher.cache as tc
     from conftest import make_trainer
 
     builds = tmp_path / "builds.txt"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig
-from distill.cli import DistillCLI
-from distill.teacher_cache import TeacherCache, TeacherCacheConfig
-from distill.teacher_ensemble import TeacherEnsemble, combine_logits
+from distill.commands.recipe_cli import DistillCLI
+from distill.teacher.cache import TeacherCache, TeacherCacheConfig
+from distill.teacher.ensemble import TeacherEnsemble, combine_logits
 
 from conftest import TINY_STUDENT
 from helpers.probes import LossInputs

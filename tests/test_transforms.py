@@ -14,8 +14,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, TeacherModule, load_student
-from distill.transforms import (augment_ops, build_auto_augment, build_eval_transform, eval_spec_of,
-                                posterize_old_pillow)
+from distill.data.transforms import augment_ops, build_auto_augment, build_eval_transform, posterize_old_pillow
+from distill.models.meta import eval_spec_of
 
 DEIT_RA = "rand-m9-mstd0.5-inc1"
 LEFT, MIDDLE, RIGHT = (255, 0, 0), (255, 255, 255), (0, 0, 255)
@@ -248,7 +248,7 @@ def test_checkpoint_records_the_eval_transform_of_the_datamodule(wide_run):
 
 
 def test_predict_on_non_square_images_equals_the_model_on_the_datamodules_tensors(wide_run):
-    from distill.predict import load_teacher, predict
+    from distill.commands.predict import load_teacher, predict
 
     student, teacher = load_student(wide_run["student"]), load_teacher(wide_run["teacher"])
     results = predict(student, wide_run["images"], teacher=teacher, topk=2)
@@ -265,7 +265,7 @@ def test_predict_on_non_square_images_equals_the_model_on_the_datamodules_tensor
 
 
 def test_attention_command_prepares_images_like_validation(wide_run, tmp_path, monkeypatch):
-    import distill.attention_cli as cli
+    import distill.commands.attention as cli
 
     seen = []
     real = cli.load_images
@@ -284,7 +284,7 @@ def test_export_metadata_records_crop_pct_and_interpolation(wide_run, tmp_path):
 
     from safetensors import safe_open
 
-    from distill.export import export
+    from distill.commands.export import export
 
     path = export(str(wide_run["student"]), "safetensors", "fused", str(tmp_path / "s.safetensors"))
     with safe_open(str(path), "pt") as f:
@@ -293,7 +293,7 @@ def test_export_metadata_records_crop_pct_and_interpolation(wide_run, tmp_path):
 
 
 def test_old_checkpoint_without_crop_pct_predicts_with_the_old_resize(wide_run, tmp_path):
-    from distill.predict import predict
+    from distill.commands.predict import predict
 
     ckpt = torch.load(wide_run["student"], map_location="cpu", weights_only=True)
     for key in ("crop_pct", "interpolation"):

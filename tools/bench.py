@@ -53,11 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 
 from distill import DistillationLoss, DistillModule, build_student, build_teacher  # noqa: E402
-from distill.models import model_meta  # noqa: E402
-from distill.optim import adamw, warmup_cosine  # noqa: E402
-from distill.teacher_cache import (  # noqa: E402
+from distill.models.meta import model_meta  # noqa: E402
+from distill.teacher.cache import (  # noqa: E402
     TeacherCacheConfig, build_cache, teacher_fields, weights_sha256, write_manifest,
 )
+from distill.training.optim import adamw, warmup_cosine  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A meaningful small DeiT for a CPU: DeiT-tiny (width 192, depth 12, 3 heads) at 32px with patch 4
@@ -502,7 +502,7 @@ def _run_epoch_bench(
     num_workers: int | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    from distill.device_data import DeviceImageLoader
+    from distill.data.device_loader import DeviceImageLoader
 
     dev = _device(device)
     cfg = _config(preset, dev, overrides)
@@ -576,7 +576,7 @@ def _decode_training_images(root: Path, n: int, img_size: int, num_workers: int 
     """The first `n` training images (all classes, spread evenly) of a CIFAR-10 folder as uint8
     `(N, 3, S, S)` and labels: an ImageFolder tree (`root/train/<class>/*.jpg`, the shared JPEG set) or
     torchvision's CIFAR-10 batches (`root/cifar-10-batches-py`)."""
-    from distill.device_data import decode_uint8
+    from distill.data.device_loader import decode_uint8
 
     if not (root / "train").is_dir():
         from torchvision.datasets import CIFAR10
@@ -586,7 +586,7 @@ def _decode_training_images(root: Path, n: int, img_size: int, num_workers: int 
         return torch.from_numpy(ds.data[order]).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)[order]
     from torchvision import transforms as T
 
-    from distill.data import ImageFolderDataset
+    from distill.data.datasets import ImageFolderDataset
 
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     ds = ImageFolderDataset(root / "train", classes, "RGB", T.Compose([T.Resize(img_size), T.CenterCrop(img_size),

@@ -56,8 +56,8 @@ from pathlib import Path
 
 import torch
 
-from distill.models import sha256_of
-from distill.pipeline import resolve_recipe, run_step, split_overrides
+from distill.commands.pipeline import resolve_recipe, run_step, split_overrides
+from distill.models.weights import sha256_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/study_plot.py
 from study_plot import bar_chart  # noqa: E402

@@ -1,0 +1,442 @@
+"""ImageDataModule: one LightningDataModule for the bundled digits, any ImageFolder tree, CIFAR and
+synthetic data, with timm's augmentation and batch-level mixup/cutmix.
+
+Mixup/cutmix runs in `on_after_batch_transfer`, i.e. on the batch the LightningModule receives, so the
+teacher and the student always see the same mixed images.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from .datasets import (CIFAR_STATS, ArrayImageDataset, ImageFolderDataset, SyntheticDataset, digits_split, open_cifar,
+                       scan_image_folder, synthetic_splits)
+
+log = logging.getLogger(__name__)
+
+Source = Literal["digits", "imagefolder", "cifar10", "cifar100", "synthetic"]
+
+
+def _sha(*parts: Any) -> str:
+    """sha256 of the parts, each bytes or its repr, with a separator that no part can fake."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else repr(part).encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images and labels for both distillation steps.
+
+    Args:
+        source: `digits` (scikit-learn's bundled 8x8 handwritten digits, 1,797 images, no download),
+            `imagefolder` (`root/train/<class>/*` and `root/val/<class>/*` or `root/test/<class>/*`,
+            grayscale or RGB), `cifar10` / `cifar100` (torchvision), `synthetic` (random tensors).
+        root: data folder for imagefolder and cifar.
+        img_size: side of the square images the models see; None = the pretrained weights' input size
+            when the model starts from pretrained weights, else 8.
+        batch_size: samples per device and step (the global batch is batch_size x devices x nodes).
+        num_workers: data loader worker processes.
+        val_fraction: share of digits / synthetic held out for validation (stratified, fixed by `seed`).
+        seed: seed of the digits / synthetic split and of the repeated-augmentation order
+            (`split_fingerprint` tells whether two runs hold out the same images).
+        mean: per-channel normalisation mean; None = the pretrained weights' when the model starts from
+            pretrained weights, else the dataset's own (computed on training images).
+        std: per-channel normalisation std; None = the pretrained weights', else the dataset's own.
+        crop: training crop: `pad` (random crop after zero padding of img_size/8, the CIFAR recipe),
+            `rrc` (RandomResizedCrop, the ImageNet recipe) or `none`. `pad` and `none` start from what
+            evaluation sees (shorter side resized, centre crop: no stretching).
+        crop_pct: evaluation crop, as in DeiT/timm: the shorter side is resized to img_size / crop_pct
+            and the centre img_size square is kept. 1.0 (default, the CIFAR convention) keeps the whole
+            centre square; DeiT's ImageNet value is 0.875 (resize to 256, crop 224). In (0, 1].
+        interpolation: resampling of the evaluation resize, the RandomResizedCrop and the geometric ops
+            of auto_augment: nearest, bilinear (default), bicubic (DeiT), box, hamming or lanczos.
+        in_chans: channels of an image folder: None = detected from its files (all grayscale -> 1,
+            any colour file -> 3); 1 or 3 converts every image. Other sources have fixed channels.
+        repeated_aug: repeated augmentation (DeiT's RASampler, `distill.data.samplers`): each training image
+            appears this many times per epoch, spread over the processes, with the epoch kept at
+            DeiT's length; DeiT uses 3 on ImageNet. 0 or 1 = off. Needs >= 256 training images.
+            Used only with several processes (DDP), as in DeiT; one process shuffles plainly.
+        hflip: probability of a horizontal flip in training (0 for digits and text).
+        auto_augment: timm RandAugment/AutoAugment/AugMix string, e.g. `rand-m9-mstd0.5-inc1` (DeiT);
+            None = off. Posterize keeping 0 bits gives a black image, as with the Pillow < 13 DeiT ran
+            on (`distill.data.transforms.posterize_old_pillow`).
+        re_prob: random erasing probability (DeiT: 0.25).
+        mixup: mixup alpha (DeiT: 0.8); 0 = off.
+        cutmix: cutmix alpha (DeiT: 1.0); 0 = off.
+        mixup_prob: probability of applying mixup or cutmix to a batch.
+        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
+        download: let torchvision download CIFAR when the files are missing.
+        pin_memory: pin host memory for faster host-to-GPU copies.
+        persistent_workers: keep workers alive between epochs (when num_workers > 0).
+        drop_last: drop the last incomplete training batch (needed by mixup, which pairs samples).
+        max_bad_fraction: share of unreadable images in an image folder tolerated (skipped with a warning).
+        num_samples: size of the synthetic dataset.
+        num_classes_synthetic: classes of the synthetic dataset.
+        in_chans_synthetic: channels of the synthetic dataset.
+        keyed_views: training batches are `(x, y, keys)`: every sample's augmentation is drawn from
+            an RNG seeded by (`seed`, view, index), so a view replays bit-identically, and `keys` (a
+            host-side int64 array of (index, view) rows) names it; needed by `model.teacher_cache`.
+            Also makes a resume from the middle of an epoch exact (step checkpoints,
+            `checkpoint.every_n_train_steps`); other training loaders resume exactly only from
+            epoch boundaries (see `distill.training.fault_tolerance.ResumeState`).
+        view_epochs: with keyed_views, epoch `e` trains on view `e % view_epochs` (the number of
+            views a teacher cache holds); None = a new view every epoch.
+        on_device: keep the decoded images as one uint8 tensor on the training device and crop,
+            flip, erase and normalise batches there (`distill.data.device_loader`): for CIFAR-size data,
+            where the host pipeline is the bottleneck. Supports crop pad/none, hflip, re_prob,
+            mixup/cutmix; not rrc or auto_augment. num_workers is then only used to decode once.
+    """
+
+    def __init__(
+        self,
+        source: Source = "digits",
+        root: str | None = None,
+        img_size: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        crop: Literal["pad", "rrc", "none"] = "none",
+        crop_pct: float = 1.0,
+        interpolation: Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"] = "bilinear",
+        in_chans: int | None = None,
+        repeated_aug: int = 0,
+        hflip: float = 0.0,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        download: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        max_bad_fraction: float = 0.01,
+        num_samples: int = 512,
+        num_classes_synthetic: int = 10,
+        in_chans_synthetic: int = 3,
+        keyed_views: bool = False,
+        view_epochs: int | None = None,
+        on_device: bool = False,
+    ) -> None:
+        super().__init__()
+        if source not in ("digits", "imagefolder", "cifar10", "cifar100", "synthetic"):
+            raise ValueError(f"data.source={source!r} is unknown; use digits, imagefolder, cifar10, cifar100 or synthetic")
+        if source in ("imagefolder", "cifar10", "cifar100") and not root:
+            raise ValueError(f"data.root is required for data.source={source}; pass --data.root DIR")
+        self._img_size_given = img_size is not None
+        img_size = 8 if img_size is None else img_size
+        if img_size < 1 or batch_size < 1:
+            raise ValueError(f"data.img_size={img_size} and data.batch_size={batch_size} must be positive")
+        from .transforms import check_crop_pct, check_interpolation
+
+        check_crop_pct(crop_pct)
+        check_interpolation(interpolation)
+        if in_chans not in (None, 1, 3):
+            raise ValueError(f"data.in_chans={in_chans} is not supported; use 1 (grayscale), 3 (RGB) or leave it "
+                             f"unset to detect it from the images")
+        if repeated_aug < 0:
+            raise ValueError(f"data.repeated_aug={repeated_aug} must be >= 0 (0 or 1 = off, DeiT uses 3)")
+        if repeated_aug > 1 and (keyed_views or on_device):
+            which = "keyed_views" if keyed_views else "on_device"
+            raise ValueError(f"data.repeated_aug={repeated_aug} does not work with data.{which}: true (they draw "
+                             f"their own sample order); turn one of them off")
+        if on_device and (crop_pct != 1.0 or interpolation != "bilinear"):
+            raise ValueError(f"data.on_device resizes with a bilinear Resize to img_size x img_size; it takes "
+                             f"data.crop_pct 1.0 and data.interpolation bilinear, not {crop_pct} and {interpolation}")
+        self.save_hyperparameters()
+        self.source, self.root, self.img_size, self.batch_size = source, root, img_size, batch_size
+        self.num_workers = num_workers
+        self._mean, self._std = mean, std
+        self.mixup_fn = None
+        self.train_set = self.val_set = self.test_set = None
+
+    # ---------------------------------------------------------------------------- dataset metadata
+    @cached_property
+    def _folder(self) -> dict[str, Any]:
+        return scan_image_folder(Path(self.root).expanduser(), self.hparams.in_chans)
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.source == "digits":
+            return [str(i) for i in range(10)]
+        if self.source == "imagefolder":
+            return self._folder["classes"]
+        if self.source == "cifar10":
+            return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        if self.source == "cifar100":
+            return self._cifar(train=False, transform=None).classes
+        return [f"class_{i}" for i in range(self.hparams.num_classes_synthetic)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_chans(self) -> int:
+        if self.source == "digits":
+            if self.hparams.in_chans not in (None, 1):
+                raise ValueError(f"data.in_chans={self.hparams.in_chans} only converts image folders; digits has "
+                                 f"1 channel: remove data.in_chans")
+            return 1
+        if self.source == "imagefolder":
+            return self.hparams.in_chans or (1 if self._folder["mode"] == "L" else 3)
+        fixed = self.hparams.in_chans_synthetic if self.source == "synthetic" else 3
+        forced = self.hparams.in_chans
+        if forced is not None and forced != fixed:
+            raise ValueError(f"data.in_chans={forced} only converts image folders; data.source={self.source} has "
+                             f"{fixed} channel(s): remove data.in_chans")
+        return fixed
+
+    @property
+    def eval_spec(self) -> dict[str, Any]:
+        """The evaluation transform as a plain dict (img_size, crop_pct, interpolation, mean, std,
+        in_chans): what checkpoints record and `distill.data.transforms.build_eval_transform` rebuilds."""
+        from .transforms import eval_spec
+
+        hp = self.hparams
+        return eval_spec(img_size=self.img_size, crop_pct=hp.crop_pct, interpolation=hp.interpolation,
+                         mean=self.mean, std=self.std, in_chans=self.in_chans)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self._mean) if self._mean is not None else self._stats[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self._std) if self._std is not None else self._stats[1]
+
+    @cached_property
+    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.source in CIFAR_STATS:
+            return CIFAR_STATS[self.source]
+        if self.source == "synthetic":
+            return (0.0,) * self.in_chans, (1.0,) * self.in_chans
+        from .transforms import interp_mode
+
+        # digits and image folders: the training images' own statistics (up to 2,000 of them), seen as
+        # evaluation sees them (shorter side resized, centre crop), unnormalised
+        ds = self._raw_train()
+        idx = np.random.default_rng(0).permutation(len(ds))[:2000]
+        hp = self.hparams
+        to_tensor = T.Compose([T.Resize(math.floor(self.img_size / hp.crop_pct), interpolation=interp_mode(hp.interpolation)),
+                               T.CenterCrop(self.img_size), T.ToTensor()])
+        x = torch.stack([to_tensor(ds[int(i)][0]) for i in idx])
+        return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp_min(1e-3).tolist())
+
+    # ---------------------------------------------------------------------------------- datasets
+    @cached_property
+    def _digits(self) -> dict[str, Any]:
+        return digits_split(self.hparams.val_fraction, self.hparams.seed)
+
+    def _synthetic(self) -> tuple[SyntheticDataset, SyntheticDataset]:
+        hp = self.hparams
+        return synthetic_splits(hp.num_samples, hp.val_fraction, hp.num_classes_synthetic, hp.in_chans_synthetic,
+                                self.img_size, hp.seed)
+
+    @property
+    def split_fingerprint(self) -> dict[str, str]:
+        """Which data, and which of it is held out: `{"dataset": sha256 of the source and all its samples,
+        whatever the split, "val": sha256 of the samples held out for validation}` (plain strings).
+
+        `val` changes when data.seed or data.val_fraction moves other images into validation (digits,
+        synthetic); for image folders and CIFAR the split is fixed by the files (image folders: the
+        relative file lists of train/ and val/, not their contents; the root may differ). A student
+        whose `val` differs from its teacher's validates on images the teacher trained on.
+        """
+        if self.source == "digits":
+            d = self._digits
+            keys = [_sha(img.tobytes(), int(t)) for img, t in zip(d["images"], d["targets"])]
+            return dict(dataset=_sha("digits", *keys), val=_sha(*sorted(keys[i] for i in d["val"])))
+        if self.source == "imagefolder":
+            f = self._folder
+            root = Path(self.root).expanduser()
+            train, val = ([p.relative_to(root).as_posix() for p, _ in f["samples"][k]] for k in ("train", "val"))
+            return dict(dataset=_sha("imagefolder", *sorted(train + val)), val=_sha(*sorted(val)))
+        if self.source == "synthetic":
+            sets = self._synthetic() if self.train_set is None else (self.train_set, self.val_set)
+            train, val = ([_sha(ds.x[i].numpy().tobytes(), ds.targets[i]) for i in range(len(ds))] for ds in sets)
+            return dict(dataset=_sha("synthetic", *sorted(train + val)), val=_sha(*sorted(val)))
+        train, val = self._cifar(True, None), self._cifar(False, None)
+        arrays = [_sha(np.ascontiguousarray(ds.data).tobytes(), np.asarray(ds.targets, np.int64).tobytes())
+                  for ds in (train, val)]
+        return dict(dataset=_sha(self.source, *arrays), val=arrays[1])
+
+    def _raw_train(self) -> Dataset:
+        if self.source == "digits":
+            d = self._digits
+            return ArrayImageDataset(d["images"][d["train"]], d["targets"][d["train"]])
+        f = self._folder
+        return ImageFolderDataset(f["train"], f["classes"], f["mode"], None, self.hparams.max_bad_fraction)
+
+    def _cifar(self, train: bool, transform):
+        return open_cifar(self.source, self.root, train, transform, self.hparams.download)
+
+    def train_transform(self) -> T.Compose:
+        from .transforms import build_train_transform
+
+        hp = self.hparams
+        return build_train_transform(img_size=self.img_size, crop=hp.crop, hflip=hp.hflip, auto_augment=hp.auto_augment,
+                                     re_prob=hp.re_prob, mean=self.mean, std=self.std, crop_pct=hp.crop_pct,
+                                     interpolation=hp.interpolation)
+
+    def eval_transform(self) -> T.Compose:
+        from .transforms import build_eval_transform
+
+        return build_eval_transform(self.eval_spec)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self._adopt_pretrained_input()
+        hp = self.hparams
+        train_tf, eval_tf = self.train_transform(), self.eval_transform()
+        if self.source == "digits":
+            d = self._digits
+            self.train_set = ArrayImageDataset(d["images"][d["train"]], d["targets"][d["train"]], train_tf)
+            self.val_set = ArrayImageDataset(d["images"][d["val"]], d["targets"][d["val"]], eval_tf)
+            self.test_set = self.val_set
+        elif self.source == "imagefolder":
+            f = self._folder
+            self.train_set = ImageFolderDataset(f["train"], f["classes"], f["mode"], train_tf, hp.max_bad_fraction)
+            self.val_set = ImageFolderDataset(f["val"], f["classes"], f["mode"], eval_tf, hp.max_bad_fraction)
+            self.test_set = self.val_set if f["test"] == f["val"] else ImageFolderDataset(
+                f["test"], f["classes"], f["mode"], eval_tf, hp.max_bad_fraction
+            )
+        elif self.source in ("cifar10", "cifar100"):
+            self.train_set, self.val_set = self._cifar(True, train_tf), self._cifar(False, eval_tf)
+            self.test_set = self.val_set
+        else:
+            self.train_set, self.val_set = self._synthetic()
+            self.test_set = self.val_set
+        if hp.drop_last and len(self.train_set) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} training images and "
+                f"drop_last would leave no batch; lower data.batch_size or set data.drop_last false"
+            )
+        sampler = self.train_sampler()  # refuses data too small for repeated augmentation
+        if sampler is not None and hp.drop_last and len(sampler) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the {len(sampler)} images one process draws per "
+                f"epoch with data.repeated_aug={hp.repeated_aug}; lower data.batch_size or set data.repeated_aug 0"
+            )
+        if hp.mixup > 0 or hp.cutmix > 0:
+            from timm.data import Mixup
+
+            # Label smoothing belongs to the loss (DistillationLoss / TeacherModule), not here.
+            self.mixup_fn = Mixup(
+                mixup_alpha=hp.mixup, cutmix_alpha=hp.cutmix, prob=hp.mixup_prob,
+                switch_prob=hp.mixup_switch_prob, label_smoothing=0.0, num_classes=self.num_classes,
+            )
+
+    def _adopt_pretrained_input(self) -> None:
+        """mean/std/img_size of the model's pretrained weights, for those fields the recipe left unset.
+        Lightning sets up the datamodule before the LightningModule, so the datamodule asks the module
+        (`pretrained_input(in_chans)`, None without pretrained weights) before building transforms."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        ask = getattr(module, "pretrained_input", None)
+        cfg = ask(self.in_chans) if callable(ask) else None
+        if not cfg:
+            return
+        self._mean = list(cfg["mean"]) if self._mean is None else self._mean
+        self._std = list(cfg["std"]) if self._std is None else self._std
+        self.img_size = self.img_size if self._img_size_given else int(cfg["img_size"])
+        log.info("input as the pretrained weights expect: mean %s, std %s, %d px", self.mean, self.std, self.img_size)
+
+    # ------------------------------------------------------------------------------- dataloaders
+    def train_sampler(self):
+        """DeiT's repeated-augmentation sampler for this process (`distill.data.samplers`), or None when
+        data.repeated_aug is off or there is one process (the loader then shuffles, and Lightning shards
+        it under DDP). DeiT repeats augmentations only when distributed and shuffles plainly otherwise
+        (its main.py): on one process the copies of an image would share a batch and an epoch would
+        see 1 / repeated_aug of the images."""
+        hp = self.hparams
+        if hp.repeated_aug <= 1:
+            return None
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if world == 1:
+            if not getattr(self, "_noted_one_process", False):
+                self._noted_one_process = True
+                log.warning("data.repeated_aug=%d is off on one process, as in DeiT (it repeats augmentations across "
+                         "processes only): a plain shuffle of every training image each epoch", hp.repeated_aug)
+            return None
+        from .samplers import RepeatedAugSampler
+
+        return RepeatedAugSampler(self.train_set, num_replicas=world, rank=rank, repeats=hp.repeated_aug, seed=hp.seed)
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        workers = self.num_workers
+        sampler = self.train_sampler() if train else None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads the last shard with repeated samples, which
+            # would count them twice in the metrics: shard evaluation data without padding instead.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                   shuffle=False)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train if sampler is None else False,
+            sampler=sampler,
+            drop_last=train and self.hparams.drop_last,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.hparams.on_device:
+            from .device_loader import device_loader
+
+            return device_loader(self, "train")
+        if self.hparams.keyed_views:
+            from .keyed_views import keyed_train_loader
+
+            return keyed_train_loader(self)
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.hparams.on_device:
+            from .device_loader import device_loader
+
+            return device_loader(self, "val")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.hparams.on_device:
+            from .device_loader import device_loader
+
+            return device_loader(self, "test")
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Mix on the device, once per batch, before the module sees it: teacher and student get the same
+        # mixed images, and the targets become soft (B, C) probabilities.
+        if self.mixup_fn is not None and self.trainer is not None and self.trainer.training:
+            x, y, *keys = batch  # keys: (x, y, keys) batches of keyed_views
+            if x.shape[0] % 2 == 0:
+                x, y = self.mixup_fn(x, y)
+            return (x, y, *keys)
+        return batch

@@ -1,0 +1,1 @@
+"""The networks, on timm: builders, the metadata and heads they carry, checkpoint files, pretrained weights."""

@@ -1,0 +1,1 @@
+"""Sharing a model: the Hub/timm folder `distill export --format hf` writes, its model card, `distill push`."""

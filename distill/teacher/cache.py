@@ -1,0 +1,566 @@
+"""Teacher-output cache: run the frozen teacher once, reuse its outputs in every later step.
+
+The teacher's forward pass is the largest single cost of a DeiT distillation step (RegNetY-16GF on
+224px images costs more than the DeiT-S student's forward + backward). Its outputs depend only on
+the image it sees, so they can be computed once and read back - as long as the image it sees is
+exactly the image the student sees. For a fixed transform that is the sample index; for random
+augmentation it is the *view*: every sample's augmentation is drawn from an RNG seeded by
+`(seed, view, index)` (`KeyedViews`, or the on-device loader), so that view `v` of sample `i` is
+bit-identical whenever it is replayed (the idea of FKD, Shen & Xing 2022). Epoch `e` trains on view
+`e % views`; `views: 1` reuses one augmented view per sample for the whole run.
+
+Storage (one directory):
+    manifest.json                        what the cache was built from: teacher weights sha256 and
+                                         input (mean/std/size), data fingerprint, transform repr,
+                                         seed, views, top-k, dtype, build precision
+    shard-RRRR-of-WWWW.values.npy        (views, rows, k or C) logits, float16 or float32
+    shard-RRRR-of-WWWW.indices.npy       (views, rows, k) int16/int32 class ids (top-k only)
+    shard-RRRR-of-WWWW.lse.npy           (views, rows) float32 logsumexp of the full logits (top-k only)
+    shard-RRRR-of-WWWW.done.json         written last: the shard is complete
+Sample `i` lives in shard `i % W`, row `i // W`: process `r` of `W` builds shard `r` alone (no
+coordination), and every process can read every shard through a read-only memory map.
+
+Top-k reconstruction: the stored top-k logits are put back in place and every other class gets
+the same logit, chosen so that the softmax at temperature 1 gives the k stored classes exactly their
+true probabilities and spreads the remaining mass `1 - sum(top-k)` (known from the stored logsumexp)
+evenly over the other C - k classes. Hard distillation (argmax) is exact for any k >= 1. Every other
+loss reads the whole distribution, and a uniform tail is not it: at tau 3 with 1,000 classes and
+k = 10 the rebuilt KL was 0.77 instead of 1.85. So `topk: auto` (the default) stores all logits for
+those losses and the top 10 for hard distillation, and a top-k cache is refused for them.
+
+Before the cache is used, `TeacherCache.check_compatible` refuses it with a one-line ValueError when
+the teacher, the data or the transforms differ from the manifest, and the first `verify_batches`
+training batches are compared with the live teacher (tolerance from the storage dtype and the
+precision of both passes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.keyed_views import KeyedViews, collate_keyed
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TeacherCacheConfig:
+    """Opt-in teacher-output cache (`model.teacher_cache`); needs `data.keyed_views: true`.
+
+    Args:
+        dir: cache directory; built there at the start of training when it holds no cache. `{teacher_dir}`
+            stands for the teacher's run folder (the parent of its checkpoints/ folder; the first
+            teacher's for an ensemble), so a recipe can keep each teacher's cache next to it, e.g.
+            `{teacher_dir}/cache`.
+        topk: classes stored per view (the largest logits plus the logsumexp), exact for hard
+            distillation only; None = all logits (what soft, DKD and DIST need); `auto` = 10 for hard
+            distillation, all logits otherwise.
+        dtype: storage dtype of the logits: float16 (half the disk, ~1e-3 relative error) or float32.
+        build: build the cache when `dir` holds none; false = fail instead.
+        verify_batches: the first N training batches are also run through the live teacher and
+            compared with the cache; a mismatch stops training. 0 = off.
+        batch_size: batch size of the build pass; None = the data's.
+    """
+
+    dir: str
+    topk: int | Literal["auto"] | None = "auto"
+    dtype: Literal["float16", "float32"] = "float16"
+    build: bool = True
+    verify_batches: int = 2
+    batch_size: int | None = None
+
+
+def resolve_topk(cfg: TeacherCacheConfig, argmax_only: bool, num_classes: int) -> TeacherCacheConfig:
+    """`cfg` with `topk` decided for the loss: `auto` -> 10 when the loss reads only the teacher's
+    argmax (hard distillation), else all logits; an explicit top-k below the class count is refused for
+    a loss that reads the whole distribution."""
+    from dataclasses import replace
+
+    if cfg.topk == "auto":
+        cfg = replace(cfg, topk=10 if argmax_only else None)
+    if cfg.topk is not None and int(cfg.topk) >= num_classes:
+        return replace(cfg, topk=None)  # every logit either way: one storage layout, one manifest
+    if cfg.topk is not None and not argmax_only:
+        raise ValueError(f"model.teacher_cache.topk={cfg.topk} keeps {cfg.topk} of the teacher's {num_classes} logits, "
+                         f"which is exact for hard distillation only; this loss reads the whole distribution: set "
+                         f"model.teacher_cache.topk to null or auto")
+    return cfg
+
+
+def as_config(value: "TeacherCacheConfig | dict | str | None") -> TeacherCacheConfig | None:
+    if value is None or isinstance(value, TeacherCacheConfig):
+        return value
+    if isinstance(value, (str, Path)):
+        return TeacherCacheConfig(dir=str(value))
+    if isinstance(value, dict):
+        return TeacherCacheConfig(**value)
+    raise TypeError(f"model.teacher_cache: expected a directory or a TeacherCacheConfig, got {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------------- fingerprints
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the teacher's identity,
+    whether it came from a file or from memory. Call it before casting the teacher to another dtype."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def transform_repr(transform: Any) -> str:
+    """repr of a transform without the memory addresses some objects print."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
+def dataset_fingerprint(dataset: Any, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Size, classes and a hash of all labels plus a sample of file names or image bytes."""
+    n = len(dataset)
+    h = hashlib.sha256()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        h.update(np.asarray(targets, dtype=np.int64).tobytes())
+    picks = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64)) if n else []
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:  # image folders: relative file names
+        root = str(getattr(dataset, "root", ""))
+        for i in picks:
+            h.update(str(samples[int(i)][0]).replace(root, "").encode())
+    else:  # arrays (digits, CIFAR's .data, synthetic .x, device uint8 tensors)
+        data = next((getattr(dataset, a) for a in ("images", "data", "x") if getattr(dataset, a, None) is not None), None)
+        if data is not None:
+            for i in picks:
+                item = data[int(i)]
+                item = item.detach().cpu().numpy() if torch.is_tensor(item) else np.asarray(item)
+                h.update(np.ascontiguousarray(item).tobytes())
+    return dict(num_samples=n, class_names=list(class_names) if class_names is not None else None, sha256=h.hexdigest())
+
+
+# ------------------------------------------------------------------------------------------- storage
+def _shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:04d}-of-{world:04d}"
+
+
+def _rows(num_samples: int, rank: int, world: int) -> int:
+    return len(range(rank, num_samples, world))
+
+
+def reconstruct_logits(indices: torch.Tensor, values: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Full float32 logits from top-k (indices, values) and the logsumexp of the true logits: the
+    k classes keep their logits, the others share the remaining probability mass evenly."""
+    values = values.float()
+    k = values.shape[-1]
+    if k >= num_classes:
+        return torch.zeros(values.shape[0], num_classes, device=values.device).scatter_(1, indices.long(), values)
+    lse = lse.float()
+    covered = torch.logsumexp(values, dim=-1)
+    # log of the mass outside the top k, floored so that exp() stays finite in the KL (0 * log 0).
+    rest = torch.log(-torch.expm1((covered - lse).clamp(max=-1e-7))).clamp(min=-60.0)
+    fill = lse + rest - math.log(num_classes - k)
+    out = fill[:, None].expand(-1, num_classes).clone()
+    return out.scatter_(1, indices.long(), values)
+
+
+class TeacherCache:
+    """Read side of a built cache: memory-maps every shard; `lookup(keys)` returns the stored rows of
+    a batch of `(index, view)` keys, `logits(keys, device)` the reconstructed logits on `device`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher cache {str(self.dir)!r} has no {MANIFEST}; build it first")
+        self.manifest: dict[str, Any] = json.loads(path.read_text())
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"teacher cache {str(self.dir)!r} has format {self.manifest.get('format')}, "
+                             f"this version reads {FORMAT_VERSION}; delete it to rebuild")
+        m = self.manifest
+        self.num_samples, self.views, self.world = int(m["num_samples"]), int(m["views"]), int(m["world_size"])
+        self.num_classes, self.topk = int(m["num_classes"]), m["topk"]
+        self.shards = []
+        for r in range(self.world):
+            name = _shard_name(r, self.world)
+            if not (self.dir / f"{name}.done.json").is_file():
+                raise ValueError(f"teacher cache {str(self.dir)!r}: shard {name} is incomplete (interrupted build); "
+                                 f"delete the directory to rebuild")
+            shard = {"values": np.load(self.dir / f"{name}.values.npy", mmap_mode="r")}
+            if self.topk:
+                shard["indices"] = np.load(self.dir / f"{name}.indices.npy", mmap_mode="r")
+                shard["lse"] = np.load(self.dir / f"{name}.lse.npy", mmap_mode="r")
+            self.shards.append(shard)
+        self._pin = torch.cuda.is_available()
+
+    # ------------------------------------------------------------------ validation
+    def check_compatible(self, expected: dict[str, Any]) -> None:
+        """Refuses (ValueError, one line) a cache built for another teacher, data or transform, or one
+        that stores less of the teacher's output than the loss reads. `expected` holds the manifest
+        fields of the live set-up that are known (absent ones are skipped).
+
+        `topk` is what the loss needs: None (every logit: soft, DKD, DIST, standardised KL) is served
+        only by a cache of every logit, since top-k logits rebuilt with a uniform tail are another
+        distribution; a number (hard distillation reads the argmax) is served by any cache."""
+        m = self.manifest
+        if "topk" in expected and expected["topk"] is None and m.get("topk") and int(m["topk"]) < int(m["num_classes"]):
+            raise ValueError(
+                f"teacher cache {str(self.dir)!r} holds only the top {m['topk']} of {m.get('num_classes')} logits (built "
+                f"for hard distillation), and this loss reads the whole distribution; point model.teacher_cache.dir "
+                f"elsewhere (e.g. {{teacher_dir}}/cache-full) or delete the directory to rebuild it with every logit")
+        groups = [
+            ("teacher", ("teacher",)),
+            ("data", ("data",)),
+            ("transforms", ("transform", "seed")),
+            ("storage", ("dtype",)),
+        ]
+        for what, keys in groups:
+            for key in keys:
+                if key not in expected or expected[key] is None:
+                    continue
+                want, have = expected[key], m.get(key)
+                if isinstance(want, dict):
+                    diff = [k for k in want if want[k] is not None and have is not None and have.get(k) != want[k]]
+                    if have is None or diff:
+                        raise ValueError(
+                            f"teacher cache {str(self.dir)!r} is stale: its {what} differs ({key}: "
+                            f"{', '.join(diff) or 'missing'}); delete the directory to rebuild or point "
+                            f"model.teacher_cache.dir elsewhere")
+                elif have != want:
+                    raise ValueError(
+                        f"teacher cache {str(self.dir)!r} is stale: its {what} differs ({key} is "
+                        f"{_short(have)}, the run has {_short(want)}); delete the directory to rebuild or "
+                        f"point model.teacher_cache.dir elsewhere")
+
+    # ---------------------------------------------------------------------- reading
+    def lookup(self, keys: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stored rows for keys `(B, 2)` = (sample index, view), as CPU tensors (pinned when CUDA is
+        available, so the copy to the GPU is asynchronous)."""
+        keys = keys.cpu().numpy() if torch.is_tensor(keys) else np.asarray(keys)
+        keys = keys.reshape(-1, 2).astype(np.int64, copy=False)
+        idx, view = keys[:, 0], keys[:, 1]
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise ValueError(f"teacher cache {str(self.dir)!r} holds {self.num_samples} samples; the batch asks for "
+                             f"sample {int(idx.max())}: the data differs from the cache's")
+        if view.size and (view.min() < 0 or view.max() >= self.views):
+            raise ValueError(f"teacher cache {str(self.dir)!r} holds {self.views} view(s) per sample; the batch asks "
+                             f"for view {int(view.max())}: set data.view_epochs to {self.views} or rebuild")
+        shard, row = idx % self.world, idx // self.world
+        out: dict[str, np.ndarray] = {}
+        for name in self.shards[0]:
+            if self.world == 1:
+                out[name] = np.asarray(self.shards[0][name][view, row])
+                continue
+            first = self.shards[0][name]
+            buf = np.empty((len(idx),) + first.shape[2:], dtype=first.dtype)
+            for s in np.unique(shard):
+                sel = shard == s
+                buf[sel] = self.shards[int(s)][name][view[sel], row[sel]]
+            out[name] = buf
+        tensors = {k: torch.from_numpy(v.astype(np.int64) if k == "indices" else v) for k, v in out.items()}
+        if self._pin:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return tensors
+
+    def logits(self, keys: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Float32 teacher logits `(B, C)` for the keys, on `device` (top-k reconstructed)."""
+        rows = {k: v.to(device, non_blocking=True) for k, v in self.lookup(keys).items()}
+        if not self.topk:
+            return rows["values"].float()
+        return reconstruct_logits(rows["indices"], rows["values"], rows["lse"], self.num_classes)
+
+    def verify(self, cached: torch.Tensor, live: torch.Tensor, live_precision: str | None = None) -> None:
+        """Raises ValueError when cached logits disagree with the live teacher's on the same views
+        beyond what storage dtype and compute precision explain (compared on the stored classes)."""
+        live = live.float()
+        if self.topk:
+            idx = cached.topk(min(self.topk, self.num_classes), dim=-1).indices
+            c, l = cached.gather(1, idx), live.gather(1, idx)
+        else:
+            c, l = cached, live
+        reduced = any(p and ("16" in str(p)) for p in (self.manifest.get("precision"), live_precision))
+        scale = live.std().clamp_min(1e-3).item()
+        rtol = {"float16": 2e-3, "float32": 1e-5}.get(self.manifest.get("dtype"), 2e-3)
+        atol = (5e-2 if reduced else 1e-3) * scale
+        if reduced:
+            rtol = max(rtol, 2e-2)
+        bad = ((c - l).abs() > atol + rtol * l.abs()).float().mean().item()
+        # the argmax must agree wherever the live teacher is decisive; near-ties may flip with rounding
+        top2 = live.topk(min(2, live.shape[-1]), dim=-1).values
+        tie = (top2[:, 0] - top2[:, -1]) <= 2 * (atol + rtol * top2[:, 0].abs())
+        top1 = ((cached.argmax(-1) == live.argmax(-1)) | tie).float().mean().item()
+        if bad > 0.01 or top1 < (0.95 if reduced else 0.99):
+            worst = (c - l).abs().max().item()
+            raise ValueError(
+                f"teacher cache {str(self.dir)!r} disagrees with the live teacher on this run's images "
+                f"({bad:.1%} of stored logits off by more than {atol:.3g} + {rtol:g}*|z|, max {worst:.3g}, "
+                f"top-1 agreement {top1:.1%}): the teacher, data or transforms changed; delete it to rebuild")
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+# -------------------------------------------------------------------------------------------- building
+def build_cache(
+    directory: str | Path,
+    teacher_fn: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple],
+    *,
+    num_samples: int,
+    num_classes: int,
+    views: int = 1,
+    topk: int | None = 10,
+    dtype: str = "float16",
+    rank: int = 0,
+    world_size: int = 1,
+    manifest: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], Any] | None = None,
+) -> None:
+    """Runs `teacher_fn` over `batches` of `(x, y, keys)` and writes shard `rank` of `world_size`.
+
+    `batches` must cover every (sample i with i % world_size == rank, view < views) exactly as
+    training will see it (same transform, same keyed seeding); rows of other ranks are skipped.
+    Rank 0 also writes `manifest.json` (call `write_manifest` after a barrier when world_size > 1, or
+    let rank 0 write it here when it is the only process).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+    k = min(int(topk), num_classes) if topk else None
+    rows = _rows(num_samples, rank, world_size)
+    name = _shard_name(rank, world_size)
+    (directory / f"{name}.done.json").unlink(missing_ok=True)
+    open_mm = np.lib.format.open_memmap
+    values = open_mm(directory / f"{name}.values.npy", mode="w+", dtype=np_dtype, shape=(views, rows, k or num_classes))
+    if k:
+        idx_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+        indices = open_mm(directory / f"{name}.indices.npy", mode="w+", dtype=idx_dtype, shape=(views, rows, k))
+        lses = open_mm(directory / f"{name}.lse.npy", mode="w+", dtype=np.float32, shape=(views, rows))
+    written = np.zeros((views, rows), dtype=bool)
+    ctx = autocast or (lambda: torch.autocast(torch.device(device).type, enabled=False))
+    with torch.no_grad():
+        for batch in batches:
+            x, keys = batch[0], batch[2]
+            keys = keys.cpu().numpy() if torch.is_tensor(keys) else np.asarray(keys)
+            mine = keys[:, 0] % world_size == rank
+            if not mine.any():
+                continue
+            with ctx():
+                z = teacher_fn(x.to(device, non_blocking=True)).float()
+            z = z[torch.from_numpy(mine).to(z.device)]
+            i, v = keys[mine, 0] // world_size, keys[mine, 1]
+            if k:
+                top = z.topk(k, dim=-1)
+                indices[v, i] = top.indices.cpu().numpy().astype(idx_dtype)
+                values[v, i] = top.values.cpu().numpy().astype(np_dtype)
+                lses[v, i] = torch.logsumexp(z, dim=-1).cpu().numpy()
+            else:
+                values[v, i] = z.cpu().numpy().astype(np_dtype)
+            written[v, i] = True
+    if not written.all():
+        missing = int((~written).sum())
+        raise ValueError(f"teacher cache build: {missing} of {written.size} (view, sample) rows of shard {name} were "
+                         f"not produced by the batches; the data covers fewer samples or views than declared")
+    values.flush()
+    if k:
+        indices.flush()
+        lses.flush()
+    (directory / f"{name}.done.json").write_text(json.dumps(dict(rows=rows, views=views)))
+    if manifest is not None and rank == 0 and world_size == 1:
+        write_manifest(directory, manifest, num_samples=num_samples, num_classes=num_classes, views=views,
+                       topk=k, dtype=dtype, world_size=world_size)
+
+
+def write_manifest(directory: str | Path, fields: dict[str, Any], *, num_samples: int, num_classes: int, views: int,
+                   topk: int | None, dtype: str, world_size: int) -> None:
+    m = dict(fields)
+    m.update(format=FORMAT_VERSION, num_samples=int(num_samples), num_classes=int(num_classes), views=int(views),
+             topk=topk, dtype=dtype, world_size=int(world_size), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = Path(directory) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(m, indent=1))
+    tmp.replace(Path(directory) / MANIFEST)
+
+
+@contextmanager
+def _build_lock(directory: Path, rank: int):
+    """An exclusive lock on building shard `rank` of `directory`, across processes (flock): a second
+    process that wants the same cache waits until the first has written it."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".build-{rank:04d}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def has_cache(directory: str | Path) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+# ------------------------------------------------------------------------------ FrozenTeacher glue
+def teacher_fields(identity: dict[str, Any], teacher_input: nn.Module) -> dict[str, Any]:
+    """The manifest's `teacher` entry: weights sha256, architecture, classes and the input it expects
+    (`TeacherInput`'s mean/std, size and resizing; the data's own normalisation is part of the transform)."""
+    def values(name: str):
+        t = getattr(teacher_input, name, None)
+        return [round(float(v), 6) for v in t.flatten()] if torch.is_tensor(t) else None
+
+    return dict(weights_sha256=identity.get("weights_sha256"), architecture=identity.get("architecture"),
+                num_classes=identity.get("num_classes"),
+                input=dict(mean=values("dst_mean"), std=values("dst_std"), size=getattr(teacher_input, "dst_size", None),
+                           resize=teacher_input.describe() if hasattr(teacher_input, "describe") else None))
+
+
+def compute_precision(teacher, trainer=None) -> str | None:
+    """The precision the teacher's logits are computed in: the trainer's, and the teacher's own dtype
+    when it is kept in another one (`teacher_dtype`, e.g. "32-true, teacher bfloat16"); verification
+    allows for the rounding of a 16-bit pass."""
+    if trainer is None:
+        return None
+    first = teacher.members[0] if hasattr(teacher, "members") else teacher
+    cast = getattr(first, "_cast", None)
+    return f"{trainer.precision}, teacher {str(cast).replace('torch.', '')}" if cast is not None else str(trainer.precision)
+
+
+def cache_manifest(teacher, cfg: TeacherCacheConfig, trainer=None, dm=None) -> dict[str, Any]:
+    """The manifest fields that identify the live set-up: the teacher (`FrozenTeacher`, or an ensemble
+    with `members`: every member's fingerprint), the precision, storage and, with a datamodule, the data
+    and the transform that draws the views."""
+    members = getattr(teacher, "members", None)
+    if members is not None:
+        described = [teacher_fields(m.identity, m.input) for m in members]
+        teacher_entry: Any = dict(members=described, combine=teacher.combine)
+    else:
+        teacher_entry = teacher_fields(teacher.identity, teacher.input)
+    num_classes = teacher.identity.get("num_classes")
+    fields: dict[str, Any] = dict(teacher=teacher_entry, precision=compute_precision(teacher, trainer))
+    fields.update(topk=min(int(cfg.topk), num_classes or cfg.topk) if cfg.topk else None, dtype=cfg.dtype)
+    if dm is not None:
+        source = _view_source(dm)
+        fields.update(data=dataset_fingerprint(source["dataset"], list(dm.class_names)),
+                      transform=source["transform"], seed=int(dm.hparams.seed))
+    return fields
+
+
+def _view_source(dm) -> dict[str, Any]:
+    """The training set (for the fingerprint), what draws its views (for the manifest) and, with
+    `on_device`, the device loader that draws them."""
+    if dm.hparams.get("on_device"):
+        loader = getattr(dm, "_device_train", None)
+        if loader is None:
+            from ..data.device_loader import device_loader
+
+            loader = device_loader(dm, "train")
+        return dict(dataset=dm.train_set, transform=loader.describe(), loader=loader)
+    ds = dm.train_set
+    return dict(dataset=ds, transform=transform_repr(getattr(ds, "transform", None)), loader=None)
+
+
+def _build_batches(dm, views: int, rank: int, world: int, batch_size: int | None) -> Iterable[tuple]:
+    """(x, y, keys) batches over this rank's samples and all views, augmented as training will."""
+    if dm.hparams.get("on_device"):
+        loader = _view_source(dm)["loader"]
+        return loader.view_batches(views, rank=rank, world_size=world, batch_size=batch_size)
+    ds = KeyedViews(dm.train_set, dm.hparams.seed)
+    n = len(ds)
+    keys = [v * n + i for v in range(views) for i in range(rank, n, world)]
+    return DataLoader(ds, batch_size=batch_size or dm.batch_size, sampler=keys, num_workers=dm.num_workers,
+                      collate_fn=collate_keyed, pin_memory=torch.cuda.is_available())
+
+
+def cache_dir(cfg: TeacherCacheConfig, teacher) -> Path:
+    """`cfg.dir` with `{teacher_dir}` replaced by the teacher's run folder."""
+    if "{teacher_dir}" not in cfg.dir:
+        return Path(cfg.dir).expanduser()
+    first = teacher.members[0] if hasattr(teacher, "members") else teacher
+    path = first.identity.get("path")
+    if not path:
+        raise ValueError(f"model.teacher_cache.dir={cfg.dir!r} refers to the teacher's run folder, but the teacher "
+                         f"was given as a network, not a file; give the cache an explicit directory")
+    ckpt = Path(path)
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return Path(cfg.dir.replace("{teacher_dir}", str(run))).expanduser()
+
+
+def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> TeacherCache:
+    """Opens (building it first when missing and allowed) the cache of a frozen teacher at fit start and
+    checks it against the live teacher, data and transforms. Every rank builds its own shard."""
+    dm = getattr(trainer, "datamodule", None)
+    directory = cache_dir(cfg, teacher)
+    expected = cache_manifest(teacher, cfg, trainer, dm)
+    num_classes = teacher.identity["num_classes"]
+    if dm is None:  # Python API with hand-made (x, y, keys) batches: only the teacher can be checked here
+        if not has_cache(directory):
+            raise ValueError("model.teacher_cache: building a cache needs an ImageDataModule with keyed_views: true")
+        cache = TeacherCache(directory)
+        cache.check_compatible({k: expected.get(k) for k in ("teacher", "topk", "dtype")})
+        return cache
+    if getattr(dm, "mixup_fn", None) is not None:
+        raise ValueError("model.teacher_cache cannot be used with data.mixup/cutmix: the teacher's output on a mixed "
+                         "batch is not the mix of its outputs; set data.mixup and data.cutmix to 0 or drop the cache")
+    if not dm.hparams.get("keyed_views"):
+        raise ValueError("model.teacher_cache needs data.keyed_views: true (batches that name the view they hold)")
+    view_epochs = dm.hparams.get("view_epochs")
+    views = int(view_epochs or max(1, trainer.max_epochs or 1))
+    if not has_cache(directory):
+        if not cfg.build:
+            raise FileNotFoundError(f"model.teacher_cache: {str(directory)!r} holds no cache and build is false")
+        rank, world = trainer.global_rank, trainer.world_size
+        # Several runs sharing one cache (e.g. the workers of a study) start together: the first builds,
+        # the others wait for it here and then read what it built.
+        with _build_lock(directory, rank):
+            if not has_cache(directory):
+                batches = _build_batches(dm, views, rank, world, cfg.batch_size)
+                build_cache(directory, teacher, batches, num_samples=expected["data"]["num_samples"],
+                            num_classes=num_classes, views=views, topk=cfg.topk, dtype=cfg.dtype, rank=rank,
+                            world_size=world, device=device, autocast=trainer.precision_plugin.forward_context)
+                trainer.strategy.barrier("teacher_cache_build")
+                if rank == 0:
+                    write_manifest(directory, expected, num_samples=expected["data"]["num_samples"],
+                                   num_classes=num_classes, views=views, topk=expected["topk"], dtype=cfg.dtype,
+                                   world_size=world)
+                trainer.strategy.barrier("teacher_cache_manifest")
+    cache = TeacherCache(directory)
+    cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "topk", "dtype")})
+    if view_epochs is None and cache.views < (trainer.max_epochs or 1):
+        raise ValueError(f"teacher cache {str(directory)!r} holds {cache.views} view(s) per sample but training runs "
+                         f"{trainer.max_epochs} epochs with a new view each; set data.view_epochs: {cache.views}")
+    if view_epochs is not None and int(view_epochs) != cache.views:
+        raise ValueError(f"teacher cache {str(directory)!r} holds {cache.views} view(s) per sample but "
+                         f"data.view_epochs is {view_epochs}; make them equal or rebuild")
+    return cache
+
+
+class CachedTeacher:
+    """What a `FrozenTeacher` reads its training logits from once a cache is attached: the stored
+    outputs of the batch's views, checked against the live teacher on the first `verify_batches`."""
+
+    def __init__(self, cache: TeacherCache, verify_batches: int, precision: str | None) -> None:
+        self.cache, self.to_verify, self.precision = cache, int(verify_batches), precision
+
+    def __call__(self, teacher, batch) -> torch.Tensor:
+        if len(batch) < 3:
+            raise ValueError("model.teacher_cache needs batches (x, y, keys): set data.keyed_views: true")
+        x = batch[0]
+        z = self.cache.logits(batch[2], x.device)
+        if self.to_verify > 0:
+            self.to_verify -= 1
+            self.cache.verify(z, teacher(x), self.precision)
+        return z
