@@ -483,3 +483,26 @@ def test_the_teacher_is_trained_by_one_worker_only(tmp_path, monkeypatch):
     results = reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 1, runs, [], "cmd")
     assert trained == ["teacher", "none-seed0"] and not claim.exists()
     assert results["teacher"]["checkpoint"] == str(runs / "teacher" / "last.ckpt")
+
+
+def test_a_given_teacher_that_changed_starts_the_study_over(tmp_path, monkeypatch):
+    """--teacher_ckpt: the students of a teacher file that changed since are trained again, their folders
+    removed first; an unchanged file keeps them."""
+    trained = []
+    fake_study(tmp_path, monkeypatch, trained)
+    teacher = tmp_path / "given.ckpt"
+    torch.save({"distill_run": {"metrics": {"val/acc": 0.8}}}, teacher)
+    out = tmp_path / "study"
+    args = [str(REPO / "recipes/digits"), "--out", str(out), "--seeds", "1", "--variants", "none", "--teacher_ckpt",
+            str(teacher)]
+    assert reproduce.main(args) == 0 and trained == ["none-seed0"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher"]["given"] and results["teacher"]["val/acc"] == 0.8 and results["runs"][0]["checkpoint"]
+    assert reproduce.main(args) == 0 and trained == ["none-seed0"]  # unchanged: nothing to do
+    marker = out / "runs" / "none-seed0" / "of-the-first-teacher"
+    marker.write_text("x")
+    torch.save({"distill_run": {"metrics": {"val/acc": 0.7}}}, teacher)  # another teacher in the same file
+    assert reproduce.main(args) == 0 and trained == ["none-seed0", "none-seed0"] and not marker.exists()
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher"]["val/acc"] == 0.7 and len(results["runs"]) == 1
+    assert results["runs"][0]["teacher_sha256"] == reproduce.sha256_of(teacher)

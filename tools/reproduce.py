@@ -171,7 +171,10 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
             save(results)
 
     if teacher_ckpt is not None:
-        results["teacher"] = given_teacher(teacher_ckpt, results["teacher"])
+        given = given_teacher(teacher_ckpt, results["teacher"])
+        if (results["teacher"] or {}).get("sha256") not in (None, given["sha256"]):
+            drop_runs_of_another_teacher(out)  # the study's runs were of another teacher
+        results["teacher"] = given
     teacher_sha = current_sha(results["teacher"])
     if teacher_sha is None and teacher_ckpt is not None:
         raise FileNotFoundError(f"--teacher_ckpt {teacher_ckpt!r} does not exist")
