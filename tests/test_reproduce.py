@@ -195,7 +195,7 @@ def test_pipeline_seeds_last_epoch_leaves_out_the_revalidation_of_the_chosen_che
 def fake_study(tmp_path, monkeypatch, trained: list, scores: dict | None = None):
     """run_study with a stand-in for training (each run returns at once), to test how workers share a study.
     `scores`, when given, gets each run's `score` argument by run folder name."""
-    def run_step(config, args, root, score):
+    def run_step(config, args, root, score, resume=None):
         root.mkdir(parents=True, exist_ok=True)
         name = root.name
         trained.append(name)
@@ -341,7 +341,7 @@ def test_a_worker_exits_3_while_another_live_worker_holds_a_run(tmp_path, monkey
 
 def fake_teacher_study(tmp_path, monkeypatch, trained: list, contents: list):
     """Fake training where the teacher step writes a checkpoint whose bytes are the next of `contents`."""
-    def run_step(config, args, root, score):
+    def run_step(config, args, root, score, resume=None):
         root.mkdir(parents=True, exist_ok=True)
         trained.append(root.name)
         ckpt = root / "checkpoints" / "best-epoch009.ckpt"  # the same name for every teacher
@@ -417,7 +417,7 @@ def test_two_workers_saving_keep_each_others_runs_and_add_their_time(tmp_path, m
     monkeypatch.setattr(reproduce.time, "perf_counter", lambda: float(next(ticks)))
     fake = reproduce.run_step
 
-    def run_step(config, step_args, root, score):
+    def run_step(config, step_args, root, score, resume=None):
         if root.name == "none-seed0":  # worker 1's first run: worker 2 comes and goes meanwhile
             assert reproduce.main(args) == 3  # not 0: none-seed0 is still held by worker 1
         return fake(config, step_args, root, score)
@@ -506,3 +506,52 @@ def test_a_given_teacher_that_changed_starts_the_study_over(tmp_path, monkeypatc
     results = json.loads((out / "results.json").read_text())
     assert results["teacher"]["val/acc"] == 0.7 and len(results["runs"]) == 1
     assert results["runs"][0]["teacher_sha256"] == reproduce.sha256_of(teacher)
+
+
+def interrupted_run(tmp_path, monkeypatch, calls: list, recorded_edit=None):
+    """A study whose none-seed0 was interrupted after epoch 2 (its last checkpoint, config.yaml and the
+    metrics of epochs 0-3 on disk); `recorded_edit(config)` changes the config.yaml it recorded."""
+    previous = fake_study(tmp_path, monkeypatch, [])
+    runs = tmp_path / "study" / "runs"
+    root = runs / "none-seed0"
+    args = [*reproduce.VARIANTS["none"], "--seed_everything", "0", "--model.init_args.teacher",
+            previous["teacher"]["checkpoint"]]
+    config = reproduce.resolved_recipe(REPO / "recipes/digits/student.yaml", args, root)
+    if recorded_edit:
+        recorded_edit(config)
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.save({"epoch": 2}, root / "checkpoints" / "last.ckpt")
+    (root / "metrics.csv").write_text("epoch,step,train/loss,val/acc\n0,5,1.0,\n0,5,,0.3\n1,10,0.8,\n2,15,0.7,\n"
+                                      "2,15,,0.5\n3,20,0.6,\n")  # epoch 3 was under way: the checkpoint is after 2
+
+    def run_step(config, args, root, score, resume=None):
+        calls.append((root.name, resume))
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "metrics.csv").write_text("epoch,step,lr-AdamW,train/loss,val/acc\n3,20,0.1,0.55,\n3,20,,,0.6\n")
+        return str(root / "checkpoints" / "last.ckpt"), {"val/acc": 0.6}, 1.0
+
+    monkeypatch.setattr(reproduce, "run_step", run_step)
+    return reproduce.run_study(str(REPO / "recipes/digits"), ["none"], 1, runs, [], "cmd", previous=previous), root
+
+
+def test_an_interrupted_run_continues_from_its_last_checkpoint(tmp_path, monkeypatch):
+    calls = []
+    results, root = interrupted_run(tmp_path, monkeypatch, calls)
+    assert calls == [("none-seed0", str(root / "checkpoints" / "last.ckpt"))]
+    assert results["runs"][0]["resumed_from_epoch"] == 3
+    rows = list(csv.DictReader((root / "metrics.csv").open()))
+    assert [(r["epoch"], r["val/acc"]) for r in rows] == [("0", ""), ("0", "0.3"), ("1", ""), ("2", ""), ("2", "0.5"),
+                                                          ("3", ""), ("3", "0.6")]  # the lost epoch 3 once, the new one
+    assert rows[-2]["lr-AdamW"] == "0.1" and rows[0]["lr-AdamW"] == ""
+
+
+def test_an_interrupted_run_of_another_recipe_starts_over(tmp_path, monkeypatch):
+    calls = []
+
+    def edit(config):
+        config["model"]["init_args"]["lr"] = 0.123  # the folder's run was trained with another learning rate
+
+    results, root = interrupted_run(tmp_path, monkeypatch, calls, edit)
+    assert calls == [("none-seed0", None)] and "resumed_from_epoch" not in results["runs"][0]
+    assert not (root / "config.yaml").exists()  # the folder was removed before the run started over

@@ -28,9 +28,10 @@ Trains the teacher once, then the same student under each variant over N seeds:
 writes OUT/results.json (every run), OUT/results.md (mean +- std per variant, teacher accuracy, hardware,
 run time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
 in OUT/results.json (and the teacher, while its checkpoint exists with the same sha256) are kept, so a
-study can span sessions. The runs are keyed on the teacher's identity, the sha256 of its checkpoint: when
-the teacher is retrained (its checkpoint gone or changed), the runs of the former teacher are dropped
-from results.json and their folders removed. Several processes can share a study: the same command
+study can span sessions; a run that was interrupted continues from its last checkpoint when its
+folder's config.yaml is this run's recipe (else it starts over). The runs are keyed on the teacher's
+identity, the sha256 of its checkpoint: when the teacher is retrained (its checkpoint gone or changed),
+the runs of the former teacher are dropped from results.json and their folders removed. Several processes can share a study: the same command
 started twice (say one process per core, `OMP_NUM_THREADS=1`) makes two workers. Each claims the next run
 no other one holds (RUN.running keeps its pid, the process's start time and the boot id, so a claim
 outlives neither its process nor a restart of the machine) and saves its runs into the shared
@@ -219,20 +220,87 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
             try:
                 if (variant, seed) in done():  # saved by another worker between the look and the claim
                     continue
-                if root.exists():  # an interrupted run's folder: its checkpoints would be mistaken for this run's
-                    print(f"removing {root}: a run that did not finish", file=sys.stderr)
-                    shutil.rmtree(root)
                 args = [*extra, *steps["student"], *VARIANTS[variant], "--seed_everything", str(seed),
                         "--model.init_args.teacher", teacher_ckpt]
-                ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, root, score)
-                results["runs"].append({"variant": variant, "seed": seed, "checkpoint": ckpt, "teacher_sha256": teacher_sha,
-                                        "seconds": round(seconds, 1), "metrics": metrics})
+                resume, earlier = None, None
+                if root.exists():  # an interrupted run's folder: continue it, or its checkpoints would be mistaken for this run's
+                    resume = resumable(root, recipe_dir / "student.yaml", args)
+                    if resume is None:
+                        print(f"removing {root}: a run that did not finish (no last checkpoint of this recipe)", file=sys.stderr)
+                        shutil.rmtree(root)
+                    else:
+                        print(f"resuming {root.name} from {resume} (epoch {checkpoint_epoch(resume)})", file=sys.stderr)
+                        earlier = (root / "metrics.csv").read_text() if (root / "metrics.csv").is_file() else None
+                ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, root, score, resume=resume)
+                run = {"variant": variant, "seed": seed, "checkpoint": ckpt, "teacher_sha256": teacher_sha,
+                       "seconds": round(seconds, 1), "metrics": metrics}
+                if resume is not None:
+                    run["resumed_from_epoch"] = checkpoint_epoch(resume)  # `seconds` is then the resumed part only
+                    join_metrics(earlier, root / "metrics.csv")
+                results["runs"].append(run)
                 checkpoint()
             finally:
                 release(claim)
     checkpoint()
     results["held"] = [h for h in held if not any(h.startswith(f"{v}-seed{s} ") for v, s in done())]
     return results
+
+
+def resolved_recipe(config: Path, args: list[str], root: Path) -> dict:
+    """The recipe a run of `config` with `args` in `root` resolves to, as its config.yaml records it."""
+    import yaml
+
+    from distill.commands.recipe_cli import DistillCLI, _Parsed
+
+    cli = DistillCLI.__new__(DistillCLI)
+    cli._parse_only = True
+    try:
+        cli.__init__(args=["--config", str(config), *args, "--trainer.default_root_dir", str(root)], run=False)
+    except _Parsed as parsed:
+        return yaml.safe_load(cli.parser.dump(parsed.config, skip_none=False))
+    raise AssertionError("unreachable")
+
+
+def resumable(root: Path, config: Path, args: list[str]) -> str | None:
+    """The last checkpoint of an interrupted run in `root`, when that run was this very one (its recorded
+    config.yaml equals what `config` with `args` resolves to); None when it cannot be continued."""
+    import yaml
+
+    last, recorded = root / "checkpoints" / "last.ckpt", root / "config.yaml"
+    if not (last.is_file() and recorded.is_file()):
+        return None
+    try:
+        same = yaml.safe_load(recorded.read_text()) == resolved_recipe(config, args, root)
+    except Exception:  # noqa: BLE001 - a recipe that no longer parses: start over
+        return None
+    return str(last) if same else None
+
+
+def checkpoint_epoch(path: str) -> int:
+    """The number of epochs a checkpoint has completed."""
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
+
+
+def join_metrics(earlier: str | None, path: Path) -> None:
+    """A resumed run's metrics.csv holds the resumed epochs only (Lightning's CSV logger starts it anew):
+    put the interrupted part's rows (the epochs before the resumed checkpoint's) in front again."""
+    import csv
+    import io
+
+    if not earlier or not path.is_file():
+        return
+    new_rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    first = min((int(r["epoch"]) for r in new_rows if r.get("epoch")), default=None)
+    old = csv.DictReader(io.StringIO(earlier))
+    old_rows = [r for r in old if first is None or (r.get("epoch") and int(r["epoch"]) < first)]
+    fields = list(dict.fromkeys([*(old.fieldnames or []), *(new_rows[0].keys() if new_rows else [])]))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows([*old_rows, *new_rows])
+    tmp = path.with_suffix(".csv.tmp")
+    tmp.write_text(out.getvalue())
+    tmp.replace(path)
 
 
 def given_teacher(path: str, recorded: dict | None) -> dict:

@@ -69,15 +69,17 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return steps
 
 
-def run_step(config: Path, args: list[str], root: Path, score: str = "best") -> tuple[str, dict[str, float], float]:
+def run_step(config: Path, args: list[str], root: Path, score: str = "best",
+             resume: str | None = None) -> tuple[str, dict[str, float], float]:
     """Fits one step; returns its best checkpoint (or, with `score="last"`, its last one: no checkpoint
-    chosen on the validation images), the metrics of that checkpoint and the wall time."""
+    chosen on the validation images), the metrics of that checkpoint and the wall time. `resume`: a
+    checkpoint of this very run to continue from (optimizer, schedule and epoch included)."""
     from ..training.lineage import best_checkpoint, finish_wandb
     from .recipe_cli import DistillCLI
 
     start = time.perf_counter()
     cli = DistillCLI(args=["--config", str(config), *args, "--trainer.default_root_dir", str(root)], run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume)
     best = best_checkpoint(cli.trainer) if score == "best" else (cli.trainer.checkpoint_callback.last_model_path or None)
     if best is None:
         raise ValueError(f"{config.name}: training wrote no checkpoint; keep the default checkpoint settings")
