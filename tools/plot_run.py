@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Loss terms and per-head accuracy curves of a run, from its CSV logs, as one PNG (used by the README).
 
-    python tools/plot_run.py RUN_DIR [--out FILE] [--dpi 120]
+    python tools/plot_run.py RUN_DIR [--out FILE] [--dpi 120] [--table FILE.md]
 
 Every `metrics.csv` (Lightning's CSVLogger) under RUN_DIR is plotted, found recursively: a pipeline run
 folder has teacher/ and student/ subfolders and gives one row per step. Left: train/loss,
 train/loss_ce, train/loss_distill (averaged per epoch when logged per step); right: val/acc,
 val/acc_cls, val/acc_dist, val/acc_teacher, val/agreement, val/acc_ema, whichever were logged.
-Writes RUN_DIR/curves.png unless --out says otherwise.
+Writes RUN_DIR/curves.png unless --out says otherwise. `--table FILE.md` also writes val/acc (%) of each
+run at each validated epoch, one row per run (e.g. runs of one schedule compared epoch by epoch, one of
+them stopped before the end), with the command on top.
 """
 from __future__ import annotations
 
@@ -138,11 +140,29 @@ def plot_run(run_dir: Path, out: Path, dpi: int = 120) -> Path:
     return out
 
 
+def val_table(run_dir: Path, command: str) -> str:
+    """Markdown: val/acc (%) of every run under run_dir at each epoch any of them validated ("-" where a
+    run did not get there), epochs counted from 1."""
+    runs = [(_label(log, run_dir), read_curves(log).get("val/acc")) for log in find_logs(run_dir)]
+    runs = [(name, dict(zip(*curve))) for name, curve in runs if curve]
+    if not runs:
+        raise PlotError(f"the metrics.csv files under {str(run_dir)!r} hold no val/acc")
+    epochs = sorted({e for _, accs in runs for e in accs})
+    lines = [f"Command: `{command}`", "", "val/acc (%) at the end of each validated epoch:", "",
+             "| run | " + " | ".join(f"epoch {e + 1}" for e in epochs) + " |",
+             "| --- |" + " --- |" * len(epochs)]
+    for name, accs in runs:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * accs[e]:.2f}" if e in accs else "-" for e in epochs) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineParser(prog="plot_run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (searched recursively for metrics.csv)")
     p.add_argument("--out", metavar="FILE", help="output PNG (default RUN_DIR/curves.png)")
     p.add_argument("--dpi", type=int, default=120, help="resolution (default 120)")
+    p.add_argument("--table", metavar="FILE.md", help="also write val/acc of each run at each validated epoch")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir).expanduser()
     out = Path(args.out).expanduser() if args.out else (run_dir.parent if run_dir.is_file() else run_dir) / "curves.png"
@@ -150,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out.is_dir():
             raise PlotError(f"--out {str(out)!r} is a folder; pass a file name such as curves.png")
         path = plot_run(run_dir, out, dpi=args.dpi)
+        if args.table:
+            table = Path(args.table).expanduser()
+            table.write_text(val_table(run_dir, "python tools/plot_run.py " + " ".join(argv)))
+            print(table)
     except (PlotError, OSError, csv.Error, ValueError) as e:
         print(f"plot_run.py: error: {e}", file=sys.stderr)
         return 2
