@@ -529,6 +529,8 @@ def interrupted_run(tmp_path, monkeypatch, calls: list, recorded_edit=None):
         calls.append((root.name, resume))
         root.mkdir(parents=True, exist_ok=True)
         (root / "metrics.csv").write_text("epoch,step,lr-AdamW,train/loss,val/acc\n3,20,0.1,0.55,\n3,20,,,0.6\n")
+        (root / "checkpoints").mkdir(exist_ok=True)
+        torch.save({"epoch": 3}, root / "checkpoints" / "last.ckpt")  # training ends by overwriting last.ckpt
         return str(root / "checkpoints" / "last.ckpt"), {"val/acc": 0.6}, 1.0
 
     monkeypatch.setattr(reproduce, "run_step", run_step)

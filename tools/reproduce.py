@@ -229,13 +229,14 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
                         print(f"removing {root}: a run that did not finish (no last checkpoint of this recipe)", file=sys.stderr)
                         shutil.rmtree(root)
                     else:
-                        print(f"resuming {root.name} from {resume} (epoch {checkpoint_epoch(resume)})", file=sys.stderr)
+                        resumed_from = checkpoint_epoch(resume)  # before the run overwrites last.ckpt
+                        print(f"resuming {root.name} from {resume} (epoch {resumed_from})", file=sys.stderr)
                         earlier = (root / "metrics.csv").read_text() if (root / "metrics.csv").is_file() else None
                 ckpt, metrics, seconds = run_step(recipe_dir / "student.yaml", args, root, score, resume=resume)
                 run = {"variant": variant, "seed": seed, "checkpoint": ckpt, "teacher_sha256": teacher_sha,
                        "seconds": round(seconds, 1), "metrics": metrics}
                 if resume is not None:
-                    run["resumed_from_epoch"] = checkpoint_epoch(resume)  # `seconds` is then the resumed part only
+                    run["resumed_from_epoch"] = resumed_from  # `seconds` is then the resumed part only
                     join_metrics(earlier, root / "metrics.csv")
                 results["runs"].append(run)
                 checkpoint()
