@@ -31,11 +31,11 @@ in OUT/results.json (and the teacher, while its checkpoint exists with the same 
 study can span sessions; a run that was interrupted continues from its last checkpoint when its
 folder's config.yaml is this run's recipe (else it starts over). The runs are keyed on the teacher's
 identity, the sha256 of its checkpoint: when the teacher is retrained (its checkpoint gone or changed),
-the runs of the former teacher are dropped from results.json and their folders removed. Several processes can share a study: the same command
-started twice (say one process per core, `OMP_NUM_THREADS=1`) makes two workers. Each claims the next run
-no other one holds (RUN.running keeps its pid, the process's start time and the boot id, so a claim
-outlives neither its process nor a restart of the machine) and saves its runs into the shared
-results.json under a lock. A worker exits 0 only when the study is complete; when runs are still held
+the runs of the former teacher are dropped from results.json and their folders removed. Several processes
+can share a study: the same command started twice (say one process per core, `OMP_NUM_THREADS=1`) makes
+two workers. Each claims the next run no other one holds (RUN.running keeps its pid, the process's start
+time and the boot id, so a claim outlives neither its process nor a restart of the machine) and saves its
+runs into the shared results.json under a lock. A worker exits 0 only when the study is complete; when runs are still held
 by other live workers it says which and exits 3 (the last worker to finish completes results.json).
 Extra `--section.key VALUE` overrides go to both steps (`--teacher.` / `--student.` for one), as in
 `distill pipeline`.
@@ -249,17 +249,9 @@ def run_study(recipe: str, variants: list[str], seeds: int, out: Path, overrides
 
 def resolved_recipe(config: Path, args: list[str], root: Path) -> dict:
     """The recipe a run of `config` with `args` in `root` resolves to, as its config.yaml records it."""
-    import yaml
+    from distill.commands.recipe_cli import DistillCLI
 
-    from distill.commands.recipe_cli import DistillCLI, _Parsed
-
-    cli = DistillCLI.__new__(DistillCLI)
-    cli._parse_only = True
-    try:
-        cli.__init__(args=["--config", str(config), *args, "--trainer.default_root_dir", str(root)], run=False)
-    except _Parsed as parsed:
-        return yaml.safe_load(cli.parser.dump(parsed.config, skip_none=False))
-    raise AssertionError("unreachable")
+    return DistillCLI.recorded_recipe(["--config", str(config), *args, "--trainer.default_root_dir", str(root)])
 
 
 def resumable(root: Path, config: Path, args: list[str]) -> str | None:

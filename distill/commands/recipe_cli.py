@@ -94,12 +94,23 @@ class DistillCLI(LightningCLI):
     @classmethod
     def parse_recipe(cls, args: list[str]):
         """The validated, resolved configuration of a recipe (with overrides), without building anything."""
+        return cls._parse(args)[1]
+
+    @classmethod
+    def recorded_recipe(cls, args: list[str]) -> dict:
+        """The resolved recipe as a run's config.yaml records it (`RecipeConfigCallback`), without building
+        anything: what tells whether a run folder was written by this very recipe."""
+        cli, config = cls._parse(args)
+        return yaml.safe_load(cli.parser.dump(config, skip_none=False))
+
+    @classmethod
+    def _parse(cls, args: list[str]):
         cli = cls.__new__(cls)
         cli._parse_only = True
         try:
             cli.__init__(args=args, run=False)
         except _Parsed as parsed:
-            return parsed.config
+            return cli, parsed.config
         raise AssertionError("unreachable")
 
     def _parse_ckpt_path(self) -> None:
