@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -106,15 +108,18 @@ def test_errors(plot_run, tmp_path, capsys, case):
 
 
 def test_table_of_runs_stopped_at_other_epochs(plot_run, tmp_path, capsys):
-    """--table: val/acc of each run at each validated epoch, "-" where a run stopped before it."""
-    runs = tmp_path / "runs"
+    """--table: val/acc of each run at each validated epoch, "-" where a run stopped before it; the
+    command on top runs as written, even for a folder whose name has a space."""
+    runs = tmp_path / "study runs"
     for name, accs in (("none-seed0", [0.5, 0.55, 0.58]), ("token_soft-seed0", [0.52, 0.6])):
         (runs / name).mkdir(parents=True)
         rows = [f"{e},{10 * e + 9},0.9,\n{e},{10 * e + 9},,{a}\n" for e, a in zip((19, 39, 59), accs)]
         (runs / name / "metrics.csv").write_text("epoch,step,train/loss,val/acc\n" + "".join(rows))
     table = tmp_path / "curves.md"
-    assert plot_run.main([str(runs), "--out", str(tmp_path / "c.png"), "--dpi", "40", "--table", str(table)]) == 0
+    argv = [str(runs), "--out", str(tmp_path / "c.png"), "--dpi", "40", "--table", str(table)]
+    assert plot_run.main(argv) == 0
     lines = table.read_text().splitlines()
-    assert lines[0] == f"Command: `python tools/plot_run.py {runs} --out {tmp_path / 'c.png'} --dpi 40 --table {table}`"
+    command = re.fullmatch(r"Command: `(.*)`", lines[0]).group(1)
+    assert shlex.split(command) == ["python", "tools/plot_run.py", *argv], command
     assert lines[4:] == ["| run | epoch 20 | epoch 40 | epoch 60 |", "| --- | --- | --- | --- |",
                          "| none-seed0 | 50.00 | 55.00 | 58.00 |", "| token_soft-seed0 | 52.00 | 60.00 | - |"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = plot_run(run_dir, out, dpi=args.dpi)
         if args.table:
             table = Path(args.table).expanduser()
-            table.write_text(val_table(run_dir, "python tools/plot_run.py " + " ".join(argv)))
+            table.write_text(val_table(run_dir, "python tools/plot_run.py " + shlex.join(argv)))
             print(table)
     except (PlotError, OSError, csv.Error, ValueError) as e:
         print(f"plot_run.py: error: {e}", file=sys.stderr)

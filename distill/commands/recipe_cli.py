@@ -60,7 +60,7 @@ class RecipeConfigCallback(SaveConfigCallback):
     """Writes the resolved recipe to the run folder (config.yaml) and logs it to every logger."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        recipe = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
+        recipe = yaml.safe_load(self.parser.dump(self.config, skip_unset=False)) or {}
         for logger in trainer.loggers:
             logger.log_hyperparams({"recipe": recipe})
 
@@ -101,7 +101,7 @@ class DistillCLI(LightningCLI):
         """The resolved recipe as a run's config.yaml records it (`RecipeConfigCallback`), without building
         anything: what tells whether a run folder was written by this very recipe."""
         cli, config = cls._parse(args)
-        return yaml.safe_load(cli.parser.dump(config, skip_none=False))
+        return yaml.safe_load(cli.parser.dump(config, skip_unset=False))
 
     @classmethod
     def _parse(cls, args: list[str]):
