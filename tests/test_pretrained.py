@@ -562,8 +562,14 @@ def test_transfer_study_tool_runs_and_writes_its_report(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.startswith("<!-- regenerate: python tools/transfer_study.py --seeds 0") and "Hardware: CPU" in md
     for row in results["table"]:
-        assert f"| {row['row']} | {100 * row['mean']:.2f} +- 0.00 | 1 |" in md
+        acc = f"{100 * row['mean']:.2f}"
+        assert f"| {row['row']} | {acc} +- 0.00 | {acc} - {acc} | 1 |" in md
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
+    # --report writes the same report again from results.json, and runs nothing
+    (tmp_path / "out" / "results.md").unlink()
+    monkeypatch.setattr(study, "run_seed", lambda *a, **k: pytest.fail("--report trained something"))
+    assert study.main(["--out", str(tmp_path / "out"), "--report"]) == 0
+    assert (tmp_path / "out" / "results.md").read_text() == md
 
 
 # ------------------------------------------------------------------------------ the README example

@@ -61,6 +61,7 @@ def test_reproduce_writes_results_json_markdown_and_plot(tmp_path):
         assert (rows[label]["variant"], rows[label]["metric"], rows[label]["n"]) == (variant, metric, 2), label
         assert rows[label]["mean"] == pytest.approx(statistics.fmean(values)), label
         assert rows[label]["std"] == pytest.approx(statistics.stdev(values)), label
+        assert (rows[label]["min"], rows[label]["max"]) == (min(values), max(values)), label
     # ... and every run against its own folder: its checkpoint, and the re-validation of that checkpoint in its log
     for run in results["runs"]:
         folder = out / "runs" / f"{run['variant']}-seed{run['seed']}"
@@ -73,12 +74,45 @@ def test_reproduce_writes_results_json_markdown_and_plot(tmp_path):
     assert md.startswith("<!-- regenerate: python tools/reproduce.py ")
     assert md.count("\n| ") == 8  # header, separator and 6 rows
     for label, row in rows.items():
-        assert f"| {label} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} | 2 |" in md, label
+        assert f"| {label} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} " \
+               f"| {100 * row['min']:.2f} - {100 * row['max']:.2f} | 2 |" in md, label
     assert "+-" in md and "Teacher val accuracy" in md
 
     with Image.open(out / "results.png") as im:
         assert im.size == (800, 400)
         assert len(set(im.convert("L").getdata())) > 2
+
+
+def test_report_is_written_again_from_results_json_with_ranges(tmp_path, capsys):
+    """--report: results.md (mean +- std and min - max per row) and the table in results.json recomputed from
+    the runs in results.json, nothing run; without a results.json, one line saying so."""
+    out = tmp_path / "study"
+    out.mkdir()
+    accs = {"none": [0.50, 0.56, 0.53], "token": [0.61, 0.55]}
+    runs = [{"variant": v, "seed": s, "metrics": {"val/acc": a, "val/acc_cls": a - 0.01, "val/acc_dist": a - 0.02}}
+            for v, values in accs.items() for s, a in enumerate(values)]
+    results = {"recipe": "recipes/digits", "command": "python tools/reproduce.py recipes/digits --seeds 3",
+               "hardware": "CPU (1 threads, test)", "score": "last", "seconds": 60.0,
+               "teacher": {"val/acc": 0.9, "seconds": 5.0}, "runs": runs, "table": []}
+    (out / "results.json").write_text(json.dumps(results))
+    assert reproduce.main(["recipes/digits", "--out", str(out), "--report"]) == 0
+    assert not (out / "runs").exists()  # nothing was run
+    md = (out / "results.md").read_text()
+    assert md.startswith("<!-- regenerate: python tools/reproduce.py recipes/digits --seeds 3 -->")
+    assert "| variant | val top-1 (mean +- std) | min - max | seeds |" in md
+    assert "| no distillation | 53.00 +- 3.00 | 50.00 - 56.00 | 3 |" in md
+    assert "| distillation token: both heads fused | 58.00 +- 4.24 | 55.00 - 61.00 | 2 |" in md
+    assert "| distillation token: class head | 57.00 +- 4.24 | 54.00 - 60.00 | 2 |" in md
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert [(r["variant"], r["metric"], r["n"]) for r in table] == [
+        ("none", "val/acc", 3), ("token", "val/acc_cls", 2), ("token", "val/acc_dist", 2), ("token", "val/acc", 2)]
+    assert table[0]["min"] == 0.50 and table[0]["max"] == 0.56
+    assert (out / "results.png").stat().st_size > 0
+    capsys.readouterr()
+    assert reproduce.main(["recipes/digits", "--out", str(tmp_path / "none"), "--report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--report needs" in err, err
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ Trains the teacher once, then the same student under each variant over N seeds:
     python tools/reproduce.py recipes/digits --seeds 3 --out results/digits
     python tools/reproduce.py RECIPE --teacher_ckpt TEACHER.ckpt ...   # students of a given teacher (no step 1)
 
-writes OUT/results.json (every run), OUT/results.md (mean +- std per variant, teacher accuracy, hardware,
+writes OUT/results.json (every run), OUT/results.md (mean +- std and min - max per variant, teacher accuracy, hardware,
 run time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
 in OUT/results.json (and the teacher, while its checkpoint exists with the same sha256) are kept, so a
 study can span sessions; a run that was interrupted continues from its last checkpoint when its
@@ -137,11 +137,15 @@ def guidance_args(recipe_dir: Path) -> list[str]:
     return ["--config", str(path)]
 
 
+def row_stats(values: list[float]) -> dict:
+    """What a results row says of its runs: mean +- std, and the range (min - max)."""
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
+
+
 def table(runs: list[dict], variants: list[str]) -> list[dict]:
     return [
-        {"row": label, "variant": v, "metric": m,
-         **dict(zip(("mean", "std"), mean_std([r["metrics"][m] for r in runs if r["variant"] == v]))),
-         "n": sum(r["variant"] == v for r in runs)}
+        {"row": label, "variant": v, "metric": m, **row_stats([r["metrics"][m] for r in runs if r["variant"] == v])}
         for label, v, m in ROWS if v in variants and any(r["variant"] == v for r in runs)
     ]
 
@@ -460,11 +464,12 @@ def write_markdown(results: dict, path: Path) -> None:
            if results["teacher"].get("given") else f"(teacher {results['teacher']['seconds']:.0f} s). ")
         + f"Teacher val accuracy: {results['teacher']['val/acc']:.4f}{teacher_in_step2(results['runs'])}.",
         "",
-        "| variant | val top-1 (mean +- std) | seeds |",
-        "| --- | --- | --- |",
+        "| variant | val top-1 (mean +- std) | min - max | seeds |",
+        "| --- | --- | --- | --- |",
     ]
     for row in results["table"]:
-        lines.append(f"| {row['row']} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} | {row['n']} |")
+        lines.append(f"| {row['row']} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} "
+                     f"| {100 * row['min']:.2f} - {100 * row['max']:.2f} | {row['n']} |")
     if results.get("score") == "last":
         lines += ["", "Each run is scored with its last checkpoint (the end of training): no checkpoint is chosen "
                   "on the images it is scored on."]
@@ -488,6 +493,26 @@ def write_plot(results: dict, path: Path) -> None:
               teacher=results["teacher"]["val/acc"])
 
 
+def report(path: Path) -> int:
+    """--report: the study's report written again from its runs (after a change to the report's format);
+    results.json keeps its command, runs and times, only its derived table is recomputed."""
+    if not path.is_file():
+        print(f"reproduce.py: error: --report needs {path}; run the study first (or pass its --out)", file=sys.stderr)
+        return 2
+    with open(path.with_name("results.json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text())
+        results["table"] = table(results["runs"], list(VARIANTS))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(path)
+        if results["table"]:
+            write_markdown(results, path.with_name("results.md"))
+            write_plot(results, path.with_name("results.png"))
+    print(path.with_name("results.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="recipe folder with teacher.yaml and student.yaml")
@@ -501,12 +526,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score", choices=["best", "last"], default="best",
                         help="score each run by its best checkpoint by val/acc (as the pipeline does) or by its last "
                              "one (when validation is the test set: nothing chosen on it)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: rewrite OUT/results.md and OUT/results.png (and the table in "
+                             "results.json) from the runs in OUT/results.json")
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out or f"results/{Path(args.recipe).name}")
+    path = out / "results.json"
+    if args.report:
+        return report(path)
     out.mkdir(parents=True, exist_ok=True)
     command = "python tools/reproduce.py " + shlex.join(argv)
-    path = out / "results.json"
     previous = json.loads(path.read_text()) if path.is_file() else None
     if previous and previous.get("command") != command:
         print(f"resuming {path} (written by: {previous.get('command')})", file=sys.stderr)

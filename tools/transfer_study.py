@@ -13,8 +13,9 @@ Per seed:
 
 The same optimiser settings for both routes; the pretrained student adds layer-wise lr decay 0.75,
 as recipes/transfer does. Accuracy is the last epoch's (no checkpoint selected on the scored images).
-Writes OUT/results.json (every run), OUT/results.md (mean +- std over the seeds, command, hardware)
-and OUT/results.png. Data and checkpoints go to --work (git-ignored runs/ by default).
+Writes OUT/results.json (every run), OUT/results.md (mean +- std and min - max over the seeds, command,
+hardware) and OUT/results.png; `--report` writes the last two again from results.json, running nothing.
+Data and checkpoints go to --work (git-ignored runs/ by default).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from PIL import Image
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, TeacherModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py
-from reproduce import hardware, mean_std  # noqa: E402
+from reproduce import hardware, mean_std, row_stats  # noqa: E402
 from study_plot import bar_chart  # noqa: E402
 
 TEACHER = dict(model="cifar_resnet10", model_kwargs={"base_width": 16}, lr=2e-3, weight_decay=0.05, warmup_epochs=1,
@@ -158,8 +159,7 @@ def table(runs: list[dict]) -> list[dict]:
     for label, model, init, teacher in ROWS:
         accs = [r["val_acc"] for r in runs if r["stage"] == "transfer" and r["model"] == model and r["init"] == init
                 and r["teacher"] == teacher]
-        mean, std = mean_std(accs)
-        rows.append(dict(row=label, model=model, init=init, teacher=teacher, mean=mean, std=std, n=len(accs)))
+        rows.append(dict(row=label, model=model, init=init, teacher=teacher, **row_stats(accs)))
     return rows
 
 
@@ -177,11 +177,12 @@ def write_markdown(results: dict, path: Path) -> None:
         f"(~{results['pretrain_images']} training images; val top-1 teacher {100 * pre['teacher'][0]:.2f} +- "
         f"{100 * pre['teacher'][1]:.2f}, student {100 * pre['student'][0]:.2f} +- {100 * pre['student'][1]:.2f}).",
         "",
-        "| digits 5-9, 20 images per class | val top-1 (mean +- std) | seeds |",
-        "| --- | --- | --- |",
+        "| digits 5-9, 20 images per class | val top-1 (mean +- std) | min - max | seeds |",
+        "| --- | --- | --- | --- |",
     ]
     for row in results["table"]:
-        lines.append(f"| {row['row']} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} | {row['n']} |")
+        lines.append(f"| {row['row']} | {100 * row['mean']:.2f} +- {100 * row['std']:.2f} "
+                     f"| {100 * row['min']:.2f} - {100 * row['max']:.2f} | {row['n']} |")
     lines += [
         "",
         f"Gain of the pretrained route (student and teacher pretrained) over from scratch (both from scratch): "
@@ -209,16 +210,36 @@ def write_plot(results: dict, path: Path) -> None:
               f"Digits 5-9, {SHOTS} images per class: from scratch vs pretrained on digits 0-4", margin=10, top=104)
 
 
+def report(out: Path) -> int:
+    """--report: the report written again from the runs in results.json (after a change to its format)."""
+    path = out / "results.json"
+    if not path.is_file():
+        print(f"transfer_study.py: error: --report needs {path}; run the study first (or pass its --out)", file=sys.stderr)
+        return 2
+    results = json.loads(path.read_text())
+    results["table"] = table(results["runs"])
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, out / "results.md")
+    write_plot(results, out / "results.png")
+    print((out / "results.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="results/transfer")
     parser.add_argument("--work", default="runs/transfer_study", help="data and checkpoints (git-ignored)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared CPU)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: rewrite OUT/results.md and OUT/results.png (and the table in "
+                             "results.json) from the runs in OUT/results.json")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out, work = Path(args.out), Path(args.work)
+    if args.report:
+        return report(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     runs = []
