@@ -25,8 +25,9 @@ Trains the teacher once, then the same student under each variant over N seeds:
     python tools/reproduce.py recipes/digits --seeds 3 --out results/digits
     python tools/reproduce.py RECIPE --teacher_ckpt TEACHER.ckpt ...   # students of a given teacher (no step 1)
 
-writes OUT/results.json (every run), OUT/results.md (mean +- std and min - max per variant, teacher accuracy, hardware,
-run time, the command) and OUT/results.png (a bar chart with error bars). A study resumes: runs already
+writes OUT/results.json (every run), OUT/results.md (mean +- std and min - max per variant, teacher
+accuracy, hardware, run time, the command) and OUT/results.png (a bar chart with error bars); `--report`
+writes the last two again from results.json, running nothing. A study resumes: runs already
 in OUT/results.json (and the teacher, while its checkpoint exists with the same sha256) are kept, so a
 study can span sessions; a run that was interrupted continues from its last checkpoint when its
 folder's config.yaml is this run's recipe (else it starts over). The runs are keyed on the teacher's
@@ -35,8 +36,9 @@ the runs of the former teacher are dropped from results.json and their folders r
 can share a study: the same command started twice (say one process per core, `OMP_NUM_THREADS=1`) makes
 two workers. Each claims the next run no other one holds (RUN.running keeps its pid, the process's start
 time and the boot id, so a claim outlives neither its process nor a restart of the machine) and saves its
-runs into the shared results.json under a lock. A worker exits 0 only when the study is complete; when runs are still held
-by other live workers it says which and exits 3 (the last worker to finish completes results.json).
+runs into the shared results.json under a lock. A worker exits 0 only when the study is complete; when
+runs are still held by other live workers it says which and exits 3 (the last worker to finish completes
+results.json).
 Extra `--section.key VALUE` overrides go to both steps (`--teacher.` / `--student.` for one), as in
 `distill pipeline`.
 """
@@ -493,6 +495,17 @@ def write_plot(results: dict, path: Path) -> None:
               teacher=results["teacher"]["val/acc"])
 
 
+def write_study(results: dict, path: Path) -> None:
+    """results.json (replaced whole, never half-written) and, once a row exists, results.md and results.png
+    beside it. The caller holds the study's lock."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+    if results["table"]:
+        write_markdown(results, path.with_name("results.md"))
+        write_plot(results, path.with_name("results.png"))
+
+
 def report(path: Path) -> int:
     """--report: the study's report written again from its runs (after a change to the report's format);
     results.json keeps its command, runs and times, only its derived table is recomputed."""
@@ -503,12 +516,7 @@ def report(path: Path) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(path.read_text())
         results["table"] = table(results["runs"], list(VARIANTS))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(path)
-        if results["table"]:
-            write_markdown(results, path.with_name("results.md"))
-            write_plot(results, path.with_name("results.png"))
+        write_study(results, path)
     print(path.with_name("results.md").read_text())
     return 0
 
@@ -551,12 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             on_disk = json.loads(path.read_text()) if path.is_file() else None
             merged = merge(on_disk, results, results["seconds"] - saved["seconds"])
             saved["seconds"] = results["seconds"]
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(merged, indent=2) + "\n")
-            tmp.replace(path)
-            if merged["table"]:
-                write_markdown(merged, out / "results.md")
-                write_plot(merged, out / "results.png")
+            write_study(merged, path)
 
     def finished() -> list[dict]:
         return json.loads(path.read_text())["runs"] if path.is_file() else []

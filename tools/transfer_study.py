@@ -216,13 +216,17 @@ def report(out: Path) -> int:
     if not path.is_file():
         print(f"transfer_study.py: error: --report needs {path}; run the study first (or pass its --out)", file=sys.stderr)
         return 2
-    results = json.loads(path.read_text())
+    write_report(json.loads(path.read_text()), out)
+    return 0
+
+
+def write_report(results: dict, out: Path) -> None:
+    """The table derived from the runs, then OUT/results.json, results.md and results.png."""
     results["table"] = table(results["runs"])
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, out / "results.md")
     write_plot(results, out / "results.png")
     print((out / "results.md").read_text())
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,11 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    results["table"] = table(runs)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, out / "results.md")
-    write_plot(results, out / "results.png")
-    print((out / "results.md").read_text())
+    write_report(results, out)
     return 0
 
 
