@@ -37,11 +37,15 @@ def _foreign(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"_net.{i:03d}_{k.replace('.', '_')}": v for i, (k, v) in enumerate(sd.items())}
 
 
-def _photos(size: int = 224) -> torch.Tensor:
+TF_MEAN, TF_STD = (127 / 255,) * 3, (128 / 255,) * 3  # TensorFlow EfficientNet-Lite: (x * 255 - 127) / 128
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _photos(size: int = 224, mean=TF_MEAN, std=TF_STD) -> torch.Tensor:
     from PIL import Image
     from skimage import data
 
-    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     out = []
     for photo in (data.chelsea(), data.coffee()):
         img = Image.fromarray(photo).convert("RGB").resize((size, size), Image.BILINEAR)
@@ -52,7 +56,7 @@ def _photos(size: int = 224) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ real weights
 @needs_lite0
 def test_real_efficientnet_lite0_weights_classify_the_photos():
-    model = build_teacher("efficientnet_lite0", 1000, pretrained=LITE0, pretrained_match="order").eval()
+    model = build_teacher("tf_efficientnet_lite0", 1000, pretrained=LITE0, pretrained_match="order").eval()
     assert "tensors matched by file order (296 pairs" in model.pretrained_report
     assert "_conv_stem.weight -> conv_stem.weight" in model.pretrained_report
     assert "loaded 247/247 tensors" in model.pretrained_report
@@ -61,7 +65,7 @@ def test_real_efficientnet_lite0_weights_classify_the_photos():
     assert {CAT, TIGER_CAT, TABBY} & set(top5[0]) and top5[0][0] in (CAT, TIGER_CAT, TABBY), top5[0]
     assert top5[1][0] == ESPRESSO, top5[1]
     # for 10 classes: the classifier is new (and starts at zero), everything else is the file's
-    ten = build_teacher("efficientnet_lite0", 10, pretrained=LITE0, pretrained_match="order")
+    ten = build_teacher("tf_efficientnet_lite0", 10, pretrained=LITE0, pretrained_match="order")
     assert "classifier new (10 classes, the weights have 1000)" in ten.pretrained_report
     assert torch.count_nonzero(ten.classifier.weight) == 0
     torch.testing.assert_close(ten.conv_stem.weight, model.conv_stem.weight, rtol=0, atol=0)
@@ -89,7 +93,7 @@ trainer: {{accelerator: cpu, devices: 1, enable_progress_bar: false, enable_mode
           default_root_dir: {tmp_path / 'run'}}}
 model:
   class_path: distill.TeacherModule
-  init_args: {{model: efficientnet_lite0, pretrained: "{LITE0}", pretrained_match: order}}
+  init_args: {{model: tf_efficientnet_lite0, pretrained: "{LITE0}", pretrained_match: order}}
 data: {{source: imagefolder, root: {tmp_path / 'in'}, img_size: 224, batch_size: 2, drop_last: false}}
 """)
     assert main(["validate", "--config", str(recipe)]) == 0
@@ -97,6 +101,55 @@ data: {{source: imagefolder, root: {tmp_path / 'in'}, img_size: 224, batch_size:
 
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert (float(rows[-1]["val/acc"]), float(rows[-1]["val/acc_top5"])) == (1.0, 1.0), rows
+    # the data was normalised as the package's weights were trained (the recipe leaves data.mean/std unset)
+    import lightning as L
+
+    from distill import TeacherModule
+    from distill.data.datamodule import ImageDataModule
+
+    dm = ImageDataModule(source="imagefolder", root=str(tmp_path / "in"), img_size=224, batch_size=2, drop_last=False)
+    module = TeacherModule(model="tf_efficientnet_lite0", pretrained=LITE0, pretrained_match="order")
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(module, dm)
+    assert dm.mean == pytest.approx(TF_MEAN) and dm.std == pytest.approx(TF_STD), (dm.mean, dm.std)
+
+
+@needs_lite0
+def test_the_lite_packages_know_their_architecture_and_input_convention():
+    """The efficientnet-liteN packages hold TensorFlow checkpoints: timm's tf_efficientnet_liteN (same padding,
+    BatchNorm eps 1e-3) on (x*255 - 127) / 128. Another architecture is refused in one line saying why, and
+    the input convention is the package's, whatever timm's efficientnet_lite0 config says."""
+    from distill.models.pretrained import input_config
+
+    with pytest.raises(ValueError, match=r"holds a tf_efficientnet_lite0 \(TensorFlow EfficientNet-Lite: 'same' "
+                                         r"padding, BatchNorm eps 1e-3, .*\), not a efficientnet_lite0") as e:
+        build_teacher("efficientnet_lite0", 10, pretrained=LITE0, pretrained_match="order")
+    assert "\n" not in str(e.value)
+    cfg = input_config(LITE0, "tf_efficientnet_lite0", 3, foreign=True)
+    assert cfg["mean"] == pytest.approx(TF_MEAN) and cfg["std"] == pytest.approx(TF_STD) and cfg["recorded"]
+    assert cfg["img_size"] == 224
+    model = build_teacher("tf_efficientnet_lite0", 10, pretrained=LITE0, pretrained_match="order")
+    assert model.bn1.eps == 1e-3 and type(model.conv_stem).__name__ == "Conv2dSame"
+
+
+@needs_lite0
+def test_the_package_convention_puts_the_first_layer_on_its_batchnorm_statistics():
+    """An independent check of the input convention: on real photos, the stem convolution's output per channel
+    sits much closer to the statistics its BatchNorm stored in training under the package's convention than
+    under ImageNet's mean/std (the review measured 0.07 against 0.27 std)."""
+    from distill.models.pretrained import input_config
+
+    model = build_teacher("tf_efficientnet_lite0", 1000, pretrained=LITE0, pretrained_match="order").eval()
+    cfg = input_config(LITE0, "tf_efficientnet_lite0", 3, foreign=True)
+
+    def distance(mean, std) -> float:
+        with torch.no_grad():
+            out = model.conv_stem(_photos(mean=mean, std=std))
+        bn = model.bn1
+        batch_mean = out.mean((0, 2, 3))
+        return float(((batch_mean - bn.running_mean).abs() / (bn.running_var + bn.eps).sqrt()).mean())
+
+    ours, imagenet = distance(cfg["mean"], cfg["std"]), distance(IMAGENET_MEAN, IMAGENET_STD)
+    assert ours < 0.6 * imagenet, (ours, imagenet)
 
 
 # ------------------------------------------------------------------------------ generated files
@@ -183,3 +236,41 @@ def test_a_package_is_found_by_its_one_weights_file(tmp_path, monkeypatch):
     torch.save(source.state_dict(), package / "models" / "other.pth")
     with pytest.raises(ValueError, match="ships 2 weights files"):
         build_teacher("cifar_resnet10", 10, base_width=8, pretrained="pkg:my_weights_pkg")
+
+
+def test_a_file_that_records_no_normalisation_is_said_or_refused(tmp_path, capsys, caplog):
+    """Another library's file (paired by order) records no input normalisation: the recipe must state
+    data.mean/std (one line otherwise) and gets a one-line warning when it does; a file in timm's names
+    gets timm's pretrained_cfg of the named model, said in one line."""
+    import logging
+
+    from distill.data.datamodule import ImageDataModule
+    from distill.models.pretrained import input_config
+
+    torch.save(_foreign(_small().state_dict()), tmp_path / "other_library.pth")
+    cfg = input_config(tmp_path / "other_library.pth", "cifar_resnet10", 3, foreign=True)
+    assert cfg["recorded"] is False
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text(f"""
+trainer: {{accelerator: cpu, devices: 1, max_steps: 1, logger: false, default_root_dir: {tmp_path / "run"},
+          enable_progress_bar: false, enable_model_summary: false}}
+model:
+  class_path: distill.TeacherModule
+  init_args: {{model: cifar_resnet10, model_kwargs: {{base_width: 8}}, pretrained: {tmp_path / 'other_library.pth'},
+              pretrained_match: order}}
+data: {{source: synthetic, img_size: 8, batch_size: 8, num_samples: 32}}
+""")
+    assert main(["fit", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no input normalisation" in err[0] and "set data.mean and data.std" in err[0], err
+    with caplog.at_level(logging.WARNING, logger="distill.data.datamodule"):
+        assert main(["fit", "--config", str(recipe), "--data.mean", "[0.5,0.5,0.5]", "--data.std", "[0.5,0.5,0.5]"]) == 0
+    assert any("records no input normalisation; using data.mean [0.5, 0.5, 0.5]" in r.getMessage() for r in caplog.records)
+    # a file in timm's names (a timm state_dict saved for offline use): timm's config of the named model, said
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "timm_names.pth")
+    cfg = input_config(tmp_path / "timm_names.pth", "resnet18", 3)
+    assert cfg["recorded"] is False and cfg["mean"] == pytest.approx(IMAGENET_MEAN)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distill.data.datamodule"):
+        ImageDataModule(source="synthetic")._check_recorded_normalisation(cfg)
+    assert [r.getMessage() for r in caplog.records if "assuming timm's pretrained_cfg" in r.getMessage()]

@@ -354,10 +354,33 @@ class ImageDataModule(L.LightningDataModule):
         cfg = ask(self.in_chans) if callable(ask) else None
         if not cfg:
             return
-        self._mean = list(cfg["mean"]) if self._mean is None else self._mean
-        self._std = list(cfg["std"]) if self._std is None else self._std
+        self._check_recorded_normalisation(cfg)
+        if cfg.get("mean") is not None and cfg.get("std") is not None:
+            self._mean = list(cfg["mean"]) if self._mean is None else self._mean
+            self._std = list(cfg["std"]) if self._std is None else self._std
         self.img_size = self.img_size if self._img_size_given else int(cfg["img_size"])
         log.info("input as the pretrained weights expect: mean %s, std %s, %d px", self.mean, self.std, self.img_size)
+
+    def _check_recorded_normalisation(self, cfg: dict[str, Any]) -> None:
+        """Weights whose file records no input normalisation (`distill.models.pretrained.input_config`):
+        another library's file (renamed or paired by order) needs data.mean/std from the recipe; a file in
+        timm's names gets timm's pretrained_cfg of the named model, said in one line."""
+        if cfg.get("recorded", True):
+            return
+        given = self._mean is not None and self._std is not None
+        where = f"{cfg.get('field', 'pretrained')}: {cfg.get('source')}"
+        if given:
+            log.warning("%s records no input normalisation; using data.mean %s and data.std %s of the recipe",
+                        where, list(self._mean), list(self._std))
+        elif cfg.get("foreign"):
+            raise ValueError(f"{where} records no input normalisation and comes from another library (renamed or "
+                             f"paired by order), so nothing here knows it; set data.mean and data.std to what the "
+                             f"weights were trained with (e.g. [0.485, 0.456, 0.406] / [0.229, 0.224, 0.225] for "
+                             f"ImageNet statistics, [0.5, 0.5, 0.5] / [0.5, 0.5, 0.5] for TensorFlow's [-1, 1])")
+        elif cfg.get("mean") is not None:
+            log.warning("%s records no input normalisation; assuming timm's pretrained_cfg of the named model "
+                        "(mean %s, std %s): set data.mean and data.std if the weights were trained otherwise",
+                        where, [round(v, 4) for v in cfg["mean"]], [round(v, 4) for v in cfg["std"]])
 
     # ------------------------------------------------------------------------------- dataloaders
     def train_sampler(self):

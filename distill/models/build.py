@@ -140,7 +140,8 @@ def build_teacher(
     weights = _pretrained_weights(pretrained, name, pretrained_field)
     if weights is not None:
         if weights.arch and weights.arch != name:
-            raise ValueError(f"{pretrained_field}: {weights.source} holds a {weights.arch}, not a {name}; "
+            why = f" ({weights.convention})" if weights.convention else ""
+            raise ValueError(f"{pretrained_field}: {weights.source} holds a {weights.arch}{why}, not a {name}; "
                              f"name that architecture or use weights of {name}")
         timm_kwargs = {**weights.model_kwargs, **timm_kwargs}
         _check_model_name(name)

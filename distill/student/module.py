@@ -325,7 +325,8 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         from ..models.pretrained import input_config
 
         arch = cfg.name if cfg.distilled else cfg.name.replace("_distilled", "")
-        return input_config(cfg.pretrained, arch, in_chans, "model.student.pretrained")
+        foreign = bool(cfg.pretrained_remap) or cfg.pretrained_match == "order"
+        return input_config(cfg.pretrained, arch, in_chans, "model.student.pretrained", foreign=foreign)
 
     # ----------------------------------------------------------------------------------- steps
     def forward(self, x: torch.Tensor):

@@ -164,7 +164,9 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
             return source_input_config(self.hparams.model, self.hparams.get("pretrained"), in_chans, "model.model")
         from ..models.pretrained import input_config
 
-        return input_config(self.hparams.get("pretrained"), self.hparams.model, in_chans, "model.pretrained")
+        hp = self.hparams
+        foreign = bool(hp.get("pretrained_remap")) or hp.get("pretrained_match", "name") == "order"
+        return input_config(hp.get("pretrained"), hp.model, in_chans, "model.pretrained", foreign=foreign)
 
     # ------------------------------------------------------------------------------------- steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
