@@ -19,12 +19,39 @@ MODES = ("none", "soft", "hard", "dkd", "dist")
 DKD_MASK = 1000.0
 
 
+UNLABELED = -1  # the label of an unlabelled image (cross_entropy's ignore_index convention)
+
+
 class LossTerms(NamedTuple):
-    """What `DistillationLoss` returns: the weighted total and the two unweighted terms."""
+    """What `DistillationLoss` returns: the weighted total, the two unweighted terms and the share of
+    the batch's images that had a ground-truth term (`labeled_fraction`, 1 without unlabelled images)."""
 
     total: torch.Tensor
     ce: torch.Tensor
     distill: torch.Tensor
+    labeled_fraction: torch.Tensor | None = None
+
+
+def labeled_rows(target: torch.Tensor) -> torch.Tensor:
+    """Which samples of a batch have a label: class indices `(B,)` >= 0 (unlabelled images are -1), or
+    soft targets `(B, C)` whose row is not all zeros (a mixed image with an unlabelled part has no
+    ground-truth target: `distill.data.unlabeled.UnlabeledMixup`)."""
+    return target >= 0 if target.ndim == 1 else target.sum(dim=-1) > 0
+
+
+def ground_truth_term(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with the ground truth, averaged over the labelled samples of the batch only; 0 (with
+    a gradient of zeros, never NaN) for a batch without any. With every sample labelled it is exactly
+    `F.cross_entropy(logits, target, label_smoothing=...)`, bit for bit. No host synchronisation."""
+    logits = logits.float()
+    labeled = labeled_rows(target)
+    if target.ndim == 1:
+        ce = F.cross_entropy(logits, target, ignore_index=UNLABELED, label_smoothing=label_smoothing)
+        return torch.where(labeled.any(), ce, ce.new_zeros(()))  # the mean over no sample is NaN
+    rows = F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
+    masked = (rows * labeled).sum() / labeled.sum().clamp(min=1)
+    every = F.cross_entropy(logits, target, label_smoothing=label_smoothing)  # the same value, as it always was
+    return torch.where(labeled.all(), every, masked)
 
 
 def _no_autocast(t: torch.Tensor):
@@ -212,7 +239,15 @@ class DistillationLoss(nn.Module):
     student with a distillation token or a single tensor for one without (classic Hinton KD: both
     terms read the same logits), and `target` holds class indices `(B,)` or soft targets `(B, C)`
     from mixup/cutmix (`dkd` uses their argmax as the target class). Returns `LossTerms(total, ce,
-    distill)`; `distill` is the unweighted teacher term (no `alpha`, no warm-up factor).
+    distill, labeled_fraction)`; `distill` is the unweighted teacher term (no `alpha`, no warm-up factor).
+
+    Unlabelled images (`data.unlabeled_root`, `data.labels_per_class`) have target -1 (a soft target row
+    of zeros after mixup: a mixed image keeps its ground truth only when both of its images are
+    labelled). The ground-truth term is the mean over the labelled samples of the batch (0 for a batch
+    without any, `ground_truth_term`); the teacher term covers every sample. So `alpha` weighs the
+    teacher term on every image against the ground-truth term on the labelled ones; with few labels,
+    the CE term is a mean over few samples and keeps its full `1 - alpha` weight. DKD, which splits the
+    classes by a target class, takes the teacher's argmax as the target of an unlabelled sample.
     """
 
     def __init__(
@@ -323,18 +358,22 @@ class DistillationLoss(nn.Module):
             z_cls, z_dist = student_out
         else:
             z_cls = z_dist = student_out
-        ce = F.cross_entropy(z_cls.float(), target, label_smoothing=self.label_smoothing)
+        ce = ground_truth_term(z_cls, target, self.label_smoothing)
+        labeled = labeled_rows(target)
+        fraction = labeled.float().mean()
         if self.mode == "none":
-            return LossTerms(ce, ce, ce.new_zeros(()))
+            return LossTerms(ce, ce, ce.new_zeros(()), fraction)
         if teacher_logits is None and self.alpha == 0.0:  # the teacher term weighs nothing: skip it
-            return LossTerms(ce, ce, ce.new_zeros(()))
+            return LossTerms(ce, ce, ce.new_zeros(()), fraction)
         if teacher_logits is None:
             raise ValueError(f"DistillationLoss(mode={self.mode!r}) needs teacher_logits; got None")
         if self.mode == "soft":
             distill = soft_distillation(z_dist, teacher_logits, self.tau, self.kl_reduction, self.standardize)
         elif self.mode == "dkd":
+            target_class = target.argmax(dim=-1) if target.ndim == 2 else target
+            target_class = torch.where(labeled, target_class, teacher_logits.argmax(dim=-1))
             distill = dkd_distillation(
-                z_dist, teacher_logits, target, self.tau, self.dkd_alpha, self.dkd_beta, self.standardize
+                z_dist, teacher_logits, target_class, self.tau, self.dkd_alpha, self.dkd_beta, self.standardize
             )
         elif self.mode == "dist":
             distill = dist_distillation(
@@ -343,4 +382,4 @@ class DistillationLoss(nn.Module):
         else:
             distill = hard_distillation(z_dist, teacher_logits)
         total = (1.0 - self.alpha) * ce + (self.alpha * self.warmup_factor) * distill
-        return LossTerms(total, ce, distill)
+        return LossTerms(total, ce, distill, fraction)

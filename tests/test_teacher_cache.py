@@ -41,7 +41,7 @@ def test_full_logits_round_trip_equals_live_teacher(tmp_path, world_size):
     for rank in range(world_size):  # each process writes its own shard
         build_cache(tmp_path, teacher, data, num_samples=24, num_classes=10, topk=None, dtype="float32",
                     rank=rank, world_size=world_size)
-    write_manifest(tmp_path, {}, num_samples=24, num_classes=10, views=1, topk=None, dtype="float32",
+    write_manifest(tmp_path, {}, num_samples=24, num_classes=10, topk=None, dtype="float32",
                    world_size=world_size)
     cache = TeacherCache(tmp_path)
     keys = np.stack([np.arange(24)[::-1], np.zeros(24, dtype=np.int64)], 1)  # any order, any shard
@@ -56,7 +56,7 @@ def test_topk_round_trip_keeps_topk_probabilities(tmp_path):
     build_cache(tmp_path, lambda x: teacher(x) * 3, data, num_samples=24, num_classes=10, topk=3, dtype="float16",
                 manifest={"teacher": {}})
     cache = TeacherCache(tmp_path)
-    assert np.load(tmp_path / "shard-0000-of-0001.indices.npy").dtype == np.int16
+    assert np.load(tmp_path / "view-00000" / "shard-0000-of-0001.indices.npy").dtype == np.int16
     keys = np.stack([np.arange(24), np.zeros(24, dtype=np.int64)], 1)
     z = cache.logits(keys)
     assert torch.equal(z.argmax(-1), live.argmax(-1))  # hard distillation is exact
@@ -117,7 +117,8 @@ def built(tmp_path_factory):
 def test_module_builds_cache_that_matches_live_teacher_on_replayed_views(built):
     cache = TeacherCache(built["dir"])
     m = cache.manifest
-    assert (m["views"], m["topk"], m["dtype"], m["num_samples"]) == (1, 5, "float16", len(built["dm"].train_set))
+    assert (m["topk"], m["dtype"], m["num_samples"]) == (5, "float16", len(built["dm"].train_set))
+    assert cache.built_views() == [0]  # view_epochs 1: the one view, built when the first epoch read it
     assert "RandomCrop" in m["transform"] and m["teacher"]["weights_sha256"] == weights_sha256(tiny_teacher(in_chans=1))
     module, dm = built["module"], built["dm"]
     assert module.teacher.cache is not None and module.teacher.cache.to_verify == 0  # checked, then used
@@ -196,7 +197,7 @@ def test_cache_that_disagrees_with_live_teacher_is_refused(built, trainer_factor
 
     copy_dir = tmp_path / "tampered"
     shutil.copytree(built["dir"], copy_dir)
-    values = np.load(copy_dir / "shard-0000-of-0001.values.npy", mmap_mode="r+")
+    values = np.load(copy_dir / "view-00000" / "shard-0000-of-0001.values.npy", mmap_mode="r+")
     values[:] = -values[:]  # same manifest, wrong numbers
     values.flush()
     with pytest.raises(ValueError, match="disagrees with the live teacher"):
@@ -371,3 +372,42 @@ def test_a_bfloat16_teacher_builds_and_verifies_its_cache(trainer_factory, tmp_p
     trainer_factory(max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(module, dm)
     assert TeacherCache(tmp_path / "cache").manifest["precision"] == "32-true, teacher bfloat16"
     assert module.teacher.cache.to_verify == 0 and module.teacher.cache.precision == "32-true, teacher bfloat16"
+
+
+def test_views_are_built_when_an_epoch_first_reads_them_and_kept_for_later_runs(trainer_factory, tmp_path, monkeypatch):
+    """A new view every epoch (data.view_epochs unset): each epoch builds its view when it starts, and a
+    longer run on the same cache builds only the views past the shorter run's; what it reads for the new
+    view is the live teacher's output on that view."""
+    import distill.teacher.cache as tc
+
+    built_views = []
+    real = tc.build_cache
+    monkeypatch.setattr(tc, "build_cache", lambda *a, **kw: (built_views.append(list(kw["views"])), real(*a, **kw))[1])
+    teacher = tiny_teacher(in_chans=1)
+
+    def fit(epochs):
+        dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True)
+        module = DistillModule(student=dict(STUDENT), teacher=teacher, warmup_epochs=0,
+                               teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache"), verify_batches=1))
+        trainer_factory(max_epochs=epochs, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+        return module, dm
+
+    fit(2)
+    assert built_views == [[0], [1]] and TeacherCache(tmp_path / "cache").built_views() == [0, 1]
+    module, dm = fit(3)
+    assert built_views == [[0], [1], [2]] and TeacherCache(tmp_path / "cache").built_views() == [0, 1, 2]
+    views = KeyedViews(dm.train_set, dm.hparams.seed)
+    items = [views[2 * len(views) + i] for i in (0, 9, len(views) - 1)]
+    live = module.teacher(torch.stack([it[0] for it in items])).float()
+    z = TeacherCache(tmp_path / "cache").logits(np.stack([it[2] for it in items]))
+    assert torch.equal(z.argmax(-1), live.argmax(-1))
+    with pytest.raises(ValueError, match=r"holds no view 7 yet \(built: 0-2\)"):
+        TeacherCache(tmp_path / "cache").logits(np.array([[0, 7]]))
+
+
+def test_a_cache_of_the_former_format_is_refused_in_one_line(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps({"format": 1, "views": 3}))
+    with pytest.raises(ValueError, match=r"has format 1, this version reads 2; delete it to rebuild") as e:
+        TeacherCache(tmp_path / "cache")
+    assert "\n" not in str(e.value)

@@ -328,7 +328,7 @@ def _run_bench(
         k = min(cfg["cache_topk"], C) if cfg["cache_topk"] else None
         write_manifest(cache_dir, dict(teacher=teacher_fields(identity, torch.nn.Identity()),
                                        precision=cfg["precision"]),
-                       num_samples=distinct_batches * B, num_classes=C, views=1, topk=k, dtype=cfg["cache_dtype"],
+                       num_samples=distinct_batches * B, num_classes=C, topk=k, dtype=cfg["cache_dtype"],
                        world_size=1)
         cached_module = _module(cfg, copy.deepcopy(student), teacher_c,
                                 TeacherCacheConfig(dir=cache_dir, topk=cfg["cache_topk"], dtype=cfg["cache_dtype"],
@@ -551,7 +551,7 @@ def _run_epoch_bench(
                         topk=cfg["cache_topk"], dtype=cfg["cache_dtype"], device=dev, autocast=autocast)
             identity = dict(weights_sha256=weights_sha256(t), architecture=model_meta(t)["name"], num_classes=C)
             write_manifest(cache_dir, dict(teacher=teacher_fields(identity, torch.nn.Identity()),
-                                           precision=cfg["precision"]), num_samples=n, num_classes=C, views=1,
+                                           precision=cfg["precision"]), num_samples=n, num_classes=C,
                            topk=min(cfg["cache_topk"], C) if cfg["cache_topk"] else None, dtype=cfg["cache_dtype"],
                            world_size=1)
             cache_cfg = TeacherCacheConfig(dir=cache_dir, topk=cfg["cache_topk"], dtype=cfg["cache_dtype"], build=False,

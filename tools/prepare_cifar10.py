@@ -9,7 +9,11 @@ writes
     data/cifar10-small/{train,test}/<class>/NNNN.jpg    the first `--per-class` training images of each
                                                         class (file names 0000..) and the whole test set,
                                                         as hard links (no copies)
-for `recipes/cifar10` (`--data.root data/cifar10-jpeg`) and `recipes/cifar10_small`. The archives are
+    data/cifar10-unlabeled/NNNNN.jpg                    the other training images (45,000), flat, in a
+                                                        fixed shuffled order, their class in no name:
+                                                        the unlabelled images of recipes/cifar10_semi
+for `recipes/cifar10` (`--data.root data/cifar10-jpeg`), `recipes/cifar10_small` and
+`recipes/cifar10_semi` (`data/cifar10-small` labelled, `data/cifar10-unlabeled` unlabelled). The archives are
 checked against the sha256 sums of their README before anything is unpacked; a tree that is already
 complete is left as it is. `--max-per-class N` unpacks only the first N images of each class and split
 (a rehearsal's few hundred images, read from the start of each archive).
@@ -96,6 +100,23 @@ def small_subset(full: Path, out: Path, per_class: int) -> Path:
     return small
 
 
+def unlabeled_rest(full: Path, out: Path, per_class: int) -> Path:
+    """The training images cifar10-small leaves out (file index >= per_class in each class), as hard links
+    in one flat folder, named by their position in a fixed shuffle (seed 0) so no name tells the class."""
+    import random
+
+    rest = sorted(p for class_dir in sorted(d for d in (full / "train").iterdir() if d.is_dir())
+                  for p in sorted(class_dir.iterdir())[per_class:] if re.fullmatch(r"\d{4}\.jpg", p.name))
+    random.Random(0).shuffle(rest)
+    folder = out / "cifar10-unlabeled"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, f in enumerate(rest):
+        link = folder / f"{k:05d}.jpg"
+        if not link.exists():
+            os.link(f, link)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archives", type=Path, default=DEFAULT_ARCHIVES, help="folder with the two .tar.gz archives")
@@ -108,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-per-class {args.max_per_class}: give a positive number of images")
     full = unpack(args.archives, args.out, args.max_per_class)
     small = small_subset(full, args.out, args.per_class)
+    unlabeled = unlabeled_rest(full, args.out, args.per_class)
     print(f"{full}: {count_images(full / 'train')} train, {count_images(full / 'test')} test images")
     print(f"{small}: {count_images(small / 'train')} train, {count_images(small / 'test')} test images")
+    print(f"{unlabeled}: {sum(1 for _ in unlabeled.glob('*.jpg'))} unlabelled images")
     return 0
 
 

@@ -94,6 +94,19 @@ class ImageDataModule(L.LightningDataModule):
             epoch boundaries (see `distill.training.fault_tolerance.ResumeState`).
         view_epochs: with keyed_views, epoch `e` trains on view `e % view_epochs` (the number of
             views a teacher cache holds); None = a new view every epoch.
+        unlabeled_root: a folder of training images without labels, in any layout (flat or in
+            sub-folders; folder names are ignored), read with an image folder's checks. The student
+            (step 2) trains on them too with label -1: its distillation term reads every image, the
+            ground-truth term the labelled ones (`distill.losses`). The teacher (step 1) never sees them.
+            Files byte-identical to validation or test images are refused.
+        labels_per_class: keep the labels of this many training images per class (drawn with `seed`,
+            recorded in `split_fingerprint`) and hold the rest back as unlabelled (label -1): how
+            semi-supervised benchmarks are built. The teacher trains on the labelled ones alone, and a
+            student whose labelled images differ from its teacher's is refused. None = every label.
+        labeled_fraction: share of labelled images in every training batch of a set with unlabelled
+            images, e.g. 0.5 (the labelled images are then drawn more often than the others, each batch
+            shuffled); None (default) = as in the data (a plain shuffle of all training images). An
+            epoch is one pass's worth of batches over all training images either way.
         on_device: keep the decoded images as one uint8 tensor on the training device and crop,
             flip, erase and normalise batches there (`distill.data.device_loader`): for CIFAR-size data,
             where the host pipeline is the bottleneck. Supports crop pad/none, hflip, re_prob,
@@ -134,6 +147,9 @@ class ImageDataModule(L.LightningDataModule):
         keyed_views: bool = False,
         view_epochs: int | None = None,
         on_device: bool = False,
+        unlabeled_root: str | None = None,
+        labels_per_class: int | None = None,
+        labeled_fraction: float | None = None,
     ) -> None:
         super().__init__()
         if source not in ("digits", "imagefolder", "cifar10", "cifar100", "synthetic"):
@@ -160,6 +176,20 @@ class ImageDataModule(L.LightningDataModule):
         if on_device and (crop_pct != 1.0 or interpolation != "bilinear"):
             raise ValueError(f"data.on_device resizes with a bilinear Resize to img_size x img_size; it takes "
                              f"data.crop_pct 1.0 and data.interpolation bilinear, not {crop_pct} and {interpolation}")
+        if labels_per_class is not None and (isinstance(labels_per_class, bool) or not isinstance(labels_per_class, int)
+                                             or labels_per_class < 1):
+            raise ValueError(f"data.labels_per_class={labels_per_class!r} must be a whole number >= 1 (labelled "
+                             f"training images kept per class), or null to keep every label")
+        if labeled_fraction is not None:
+            if not 0.0 < float(labeled_fraction) < 1.0:
+                raise ValueError(f"data.labeled_fraction={labeled_fraction} must lie strictly between 0 and 1 (the "
+                                 f"share of labelled images in a batch), or be null for the share in the data")
+            if unlabeled_root is None and labels_per_class is None:
+                raise ValueError("data.labeled_fraction needs unlabelled images: set data.unlabeled_root or "
+                                 "data.labels_per_class, or remove data.labeled_fraction")
+            if repeated_aug > 1:
+                raise ValueError(f"data.labeled_fraction does not work with data.repeated_aug={repeated_aug} (both "
+                                 f"draw the sample order); turn one of them off")
         self.save_hyperparameters()
         self.source, self.root, self.img_size, self.batch_size = source, root, img_size, batch_size
         self.num_workers = num_workers
@@ -252,36 +282,71 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def split_fingerprint(self) -> dict[str, str]:
-        """Which data, and which of it is held out: `{"dataset": sha256 of the source and all its samples,
-        whatever the split, "val": sha256 of the samples held out for validation}` (plain strings).
+        """Which data, and which of it is held out or labelled (plain sha256 strings):
+
+        - `dataset`: the source and all its samples, whatever the split;
+        - `val`: the samples held out for validation;
+        - `train`: every training sample; `labeled`: the training samples whose label is used
+          (`data.labels_per_class`; equal to `train` without it).
 
         `val` changes when data.seed or data.val_fraction moves other images into validation (digits,
         synthetic); for image folders and CIFAR the split is fixed by the files (image folders: the
         relative file lists of train/ and val/, not their contents; the root may differ). A student
-        whose `val` differs from its teacher's validates on images the teacher trained on.
+        whose `val` differs from its teacher's validates on images the teacher trained on; one whose
+        `labeled` differs learns from a teacher that saw labels the student is meant not to have (or
+        not the ones it has). Unlabelled folders (`data.unlabeled_root`) are in none of them: the
+        teacher never sees them.
         """
+        keep = self._labels_kept
         if self.source == "digits":
             d = self._digits
             keys = [_sha(img.tobytes(), int(t)) for img, t in zip(d["images"], d["targets"])]
-            return dict(dataset=_sha("digits", *keys), val=_sha(*sorted(keys[i] for i in d["val"])))
+            train = [keys[i] for i in d["train"]]
+            return dict(dataset=_sha("digits", *keys), val=_sha(*sorted(keys[i] for i in d["val"])),
+                        **self._train_fingerprints(train, keep))
         if self.source == "imagefolder":
             f = self._folder
             root = Path(self.root).expanduser()
             train, val = ([p.relative_to(root).as_posix() for p, _ in f["samples"][k]] for k in ("train", "val"))
-            return dict(dataset=_sha("imagefolder", *sorted(train + val)), val=_sha(*sorted(val)))
+            read = [p.relative_to(root).as_posix() for p, _ in self._raw_train().samples]  # unreadable files left out
+            return dict(dataset=_sha("imagefolder", *sorted(train + val)), val=_sha(*sorted(val)),
+                        **self._train_fingerprints(read, keep))
         if self.source == "synthetic":
-            sets = self._synthetic() if self.train_set is None else (self.train_set, self.val_set)
-            train, val = ([_sha(ds.x[i].numpy().tobytes(), ds.targets[i]) for i in range(len(ds))] for ds in sets)
-            return dict(dataset=_sha("synthetic", *sorted(train + val)), val=_sha(*sorted(val)))
+            train_set, val_set = self._synthetic()
+            train, val = ([_sha(ds.x[i].numpy().tobytes(), ds.targets[i]) for i in range(len(ds))] for ds in (train_set, val_set))
+            return dict(dataset=_sha("synthetic", *sorted(train + val)), val=_sha(*sorted(val)),
+                        **self._train_fingerprints(train, keep))
         train, val = self._cifar(True, None), self._cifar(False, None)
         arrays = [_sha(np.ascontiguousarray(ds.data).tobytes(), np.asarray(ds.targets, np.int64).tobytes())
                   for ds in (train, val)]
-        return dict(dataset=_sha(self.source, *arrays), val=arrays[1])
+        labeled = arrays[0] if keep is None else _sha(arrays[0], keep.tobytes())
+        return dict(dataset=_sha(self.source, *arrays), val=arrays[1], train=arrays[0], labeled=labeled)
+
+    @staticmethod
+    def _train_fingerprints(train_keys: list[str], keep: np.ndarray | None) -> dict[str, str]:
+        train = _sha(*sorted(train_keys))
+        labeled = train if keep is None else _sha(*sorted(k for k, kept in zip(train_keys, keep) if kept))
+        return dict(train=train, labeled=labeled)
+
+    @cached_property
+    def _labels_kept(self) -> np.ndarray | None:
+        """`data.labels_per_class`: which training images (in the training set's order) keep their label."""
+        per_class = self.hparams.get("labels_per_class")
+        if per_class is None:
+            return None
+        from .unlabeled import labels_per_class_mask
+
+        return labels_per_class_mask(self._raw_train().targets, per_class, self.hparams.seed, self.class_names)
 
     def _raw_train(self) -> Dataset:
+        """The training images (labelled, untransformed), in the order the training set holds them."""
         if self.source == "digits":
             d = self._digits
             return ArrayImageDataset(d["images"][d["train"]], d["targets"][d["train"]])
+        if self.source == "synthetic":
+            return self._synthetic()[0]
+        if self.source in ("cifar10", "cifar100"):
+            return self._cifar(True, None)
         f = self._folder
         return ImageFolderDataset(f["train"], f["classes"], f["mode"], None, self.hparams.max_bad_fraction)
 
@@ -325,6 +390,7 @@ class ImageDataModule(L.LightningDataModule):
         else:
             self.train_set, self.val_set = self._synthetic()
             self.test_set = self.val_set
+        self.train_set = self._with_unlabeled(self.train_set, train_tf)
         if hp.drop_last and len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} training images and "
@@ -339,11 +405,71 @@ class ImageDataModule(L.LightningDataModule):
         if hp.mixup > 0 or hp.cutmix > 0:
             from timm.data import Mixup
 
-            # Label smoothing belongs to the loss (DistillationLoss / TeacherModule), not here.
+            # Label smoothing belongs to the loss (DistillationLoss / TeacherModule), not here. With
+            # unlabelled images, "unlabelled" is one more class to timm (`UnlabeledMixup`).
             self.mixup_fn = Mixup(
                 mixup_alpha=hp.mixup, cutmix_alpha=hp.cutmix, prob=hp.mixup_prob,
-                switch_prob=hp.mixup_switch_prob, label_smoothing=0.0, num_classes=self.num_classes,
+                switch_prob=hp.mixup_switch_prob, label_smoothing=0.0,
+                num_classes=self.num_classes + (1 if self.num_unlabeled else 0),
             )
+            if self.num_unlabeled:
+                from .unlabeled import UnlabeledMixup
+
+                self.mixup_fn = UnlabeledMixup(self.mixup_fn, self.num_classes)
+
+    @property
+    def num_unlabeled(self) -> int:
+        """Training images without a label (-1) in the training set as set up: held back by
+        data.labels_per_class or added by data.unlabeled_root; 0 for a model that does not read them."""
+        ds = self.train_set
+        return len(ds) - ds.num_labeled if ds is not None and hasattr(ds, "num_labeled") else 0
+
+    def _reads_unlabeled(self) -> bool:
+        """Whether the model being trained learns from unlabelled images: a LightningModule says so with
+        `reads_unlabeled` (the student: when its loss has a teacher term); one that does not say, like the
+        teacher, gets the labelled images alone. Without a trainer (set up by hand): yes."""
+        if self.trainer is None:
+            return True
+        return bool(getattr(self.trainer.lightning_module, "reads_unlabeled", False))
+
+    def _with_unlabeled(self, labeled: Dataset, transform) -> Dataset:
+        """The training set with data.labels_per_class and data.unlabeled_root applied (`distill.data.unlabeled`):
+        the labelled images then the unlabelled ones (label -1) for a model that reads them, else the
+        labelled images alone."""
+        hp = self.hparams
+        keep, root = self._labels_kept, hp.get("unlabeled_root")
+        if keep is None and root is None:
+            return labeled
+        from .unlabeled import UnlabeledImages, WithUnlabeled
+
+        if not self._reads_unlabeled():
+            left = ([f"{int((~keep).sum()):,} held back by data.labels_per_class"] if keep is not None else []) + \
+                   ([f"the images of data.unlabeled_root"] if root else [])
+            log.info("data: training on the %s labelled images alone (%s): this model learns from labels only",
+                     f"{int(keep.sum()) if keep is not None else len(labeled):,}", " and ".join(left))
+            return WithUnlabeled(labeled, None, keep, labeled_only=True) if keep is not None else labeled
+        folder = UnlabeledImages(root, self._folder_mode(), transform, hp.max_bad_fraction) if root else None
+        if folder is not None:
+            self._refuse_held_out_duplicates(folder)
+        ds = WithUnlabeled(labeled, folder, keep)
+        log.info("data: %s labelled + %s unlabelled training images (label -1)", f"{ds.num_labeled:,}",
+                 f"{len(ds) - ds.num_labeled:,}")
+        return ds
+
+    def _folder_mode(self) -> str:
+        return "L" if self.in_chans == 1 else "RGB"
+
+    def _refuse_held_out_duplicates(self, folder) -> None:
+        from .unlabeled import held_out_duplicates
+
+        found = []
+        for held_out in {id(d): d for d in (self.val_set, self.test_set) if d is not None}.values():
+            found += held_out_duplicates(folder, held_out)
+        if found:
+            path, dup = found[0]
+            raise ValueError(f"data.unlabeled_root: {len(found)} of {len(folder):,} unlabelled images are validation/test "
+                             f"images too (e.g. {path} is {dup}); remove them from the folder: the student would learn "
+                             f"the held-out images through its teacher and every score would be inflated")
 
     def _adopt_pretrained_input(self) -> None:
         """mean/std/img_size of the model's pretrained weights, for those fields the recipe left unset.

@@ -189,12 +189,12 @@ class DeviceImageLoader:
             else:
                 yield x, y
 
-    def view_batches(self, views: int, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
-        """(x, y, keys) for every view < `views` of the samples `i % world_size == rank`, in order:
-        exactly the images training draws (for building a teacher cache)."""
+    def view_batches(self, views, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+        """(x, y, keys) for the given views (a count: every view < `views`; or the view ids) of the samples
+        `i % world_size == rank`, in order: exactly the images training draws (for a teacher cache)."""
         bs = batch_size or self.batch_size
         mine = np.arange(rank, self.n, world_size)
-        for v in range(views):
+        for v in (range(views) if isinstance(views, int) else views):
             for s in range(0, len(mine), bs):
                 idx = mine[s : s + bs]
                 x, y = self.batch(torch.from_numpy(idx).to(self.device), v)

@@ -85,6 +85,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         lr: peak learning rate of AdamW (DeiT: 5e-4 x global batch / 512).
         weight_decay: AdamW weight decay, not applied to norms, biases, position embedding, tokens.
         warmup_epochs: epochs of linear warm-up (fractions allowed).
+        warmup_steps: warm-up length in optimizer steps instead of epochs (None = `warmup_epochs`): for
+            runs compared at equal samples seen whose epochs differ in length (e.g. 5,000 labelled
+            images alone against 50,000 with the unlabelled ones).
         min_lr_ratio: final learning rate as a fraction of `lr`.
         warmup_start_ratio: learning rate at the start of warm-up as a fraction of `lr` (DeiT: 1e-6 / 1e-3).
         cooldown_epochs: epochs at the final learning rate after the cosine (DeiT: 10); counted inside
@@ -131,6 +134,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         lr: float = 5e-4,
         weight_decay: float = 0.05,
         warmup_epochs: float = 5.0,
+        warmup_steps: int | None = None,
         min_lr_ratio: float = 0.01,
         warmup_start_ratio: float = 0.0,
         cooldown_epochs: float = 0.0,
@@ -189,6 +193,13 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         self._student_compiled = False
         if self.student is None and self._config_complete():
             self.configure_model()
+
+    @property
+    def reads_unlabeled(self) -> bool:
+        """Whether unlabelled training images (`data.unlabeled_root`, `data.labels_per_class`) reach this
+        student: only when the loss has a teacher term (or feature guidance) to learn from them; a
+        student without one trains on the labelled images alone (`ImageDataModule` asks)."""
+        return (self.loss.needs_teacher or self.guidance_config is not None) and self.teacher is not None
 
     @property
     def teacher_identity(self) -> dict[str, Any]:
@@ -274,12 +285,23 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         members = getattr(self.teacher, "members", [self.teacher])
         for i, member in enumerate(members):
             theirs = member.identity.get("split") or {}
-            if theirs.get("dataset") == ours["dataset"] and theirs.get("val") != ours["val"]:
-                field = "model.teacher" if len(members) == 1 else f"model.teacher[{i}]"
+            if theirs.get("dataset") != ours["dataset"]:
+                continue
+            field = "model.teacher" if len(members) == 1 else f"model.teacher[{i}]"
+            if theirs.get("val") != ours["val"]:
                 raise ValueError(
                     f"{field} was trained on another train/validation split of this data (its data.seed was "
                     f"{theirs.get('seed')}, this run's is {dm.hparams.seed}): the student would validate on images "
                     f"the teacher trained on; use data.seed {theirs.get('seed')} or retrain the teacher")
+            # a teacher from before labels were recorded trained on every training label
+            their_labeled = theirs.get("labeled") or theirs.get("train") or ours["train"]
+            if their_labeled != ours["labeled"]:
+                raise ValueError(
+                    f"{field} was trained on other labelled images of this data than this student's (its "
+                    f"data.labels_per_class was {theirs.get('labels_per_class')} with data.seed {theirs.get('seed')}, "
+                    f"this run's {dm.hparams.get('labels_per_class')} with {dm.hparams.seed}): a teacher that saw "
+                    f"labels the student holds back would fake the result; train the teacher on the same labelled "
+                    f"images (same data.labels_per_class and data.seed)")
 
     def configure_model(self) -> None:
         if self.student is None:
@@ -352,6 +374,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             self.log("train/loss", total, prog_bar=True)
             self.log("train/loss_ce", terms.ce)
             self.log("train/loss_distill", terms.distill)
+            self.log("train/labeled_fraction", terms.labeled_fraction)
             if feature_loss is not None:
                 self.log("train/loss_feature", feature_loss)
         return total
@@ -379,6 +402,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.loss.set_epoch(self.current_epoch)  # DKD's warm-up reads it
+        cached = getattr(self.teacher, "cache", None) if self.teacher is not None else None
+        if cached is not None:
+            cached.prepare_epoch(self.current_epoch)  # the teacher cache builds this epoch's view when missing
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -417,7 +443,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         hp = self.hparams
         return optimizer_config(self, self.student, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio,
                                 hp.warmup_start_ratio, hp.cooldown_epochs, hp.lr_reference_batch,
-                                hp.get("layer_decay"), extra=self.guidance)
+                                hp.get("layer_decay"), extra=self.guidance, warmup_steps=hp.get("warmup_steps"))
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_fit_start(self) -> None:
@@ -436,12 +462,15 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             # data or transforms, which the cache built for the first one must not answer for.
             self.teacher.attach_cache(None)
             if use_cache:
-                from ..teacher.cache import compute_precision, open_cache, resolve_topk
+                from ..teacher.cache import compute_precision, open_cache, resolve_topk, view_builder
 
                 cache_cfg = resolve_topk(cache_cfg, self.loss.mode == "hard", self.teacher.identity["num_classes"])
                 cache = open_cache(self.teacher, cache_cfg, self.trainer, self.device)
+                dm = getattr(self.trainer, "datamodule", None)
+                build = view_builder(self.teacher, cache_cfg, self.trainer, self.device) if dm is not None else None
                 self.teacher.attach_cache(CachedTeacher(cache, cache_cfg.verify_batches,
-                                                        compute_precision(self.teacher, self.trainer)))
+                                                        compute_precision(self.teacher, self.trainer), build,
+                                                        dm.hparams.get("view_epochs") if dm is not None else None))
         if hp.compile_student and self.student is not None and not self._student_compiled:
             self._student_compiled = True
             self.student.compile()

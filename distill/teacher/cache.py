@@ -7,18 +7,25 @@ exactly the image the student sees. For a fixed transform that is the sample ind
 augmentation it is the *view*: every sample's augmentation is drawn from an RNG seeded by
 `(seed, view, index)` (`KeyedViews`, or the on-device loader), so that view `v` of sample `i` is
 bit-identical whenever it is replayed (the idea of FKD, Shen & Xing 2022). Epoch `e` trains on view
-`e % views`; `views: 1` reuses one augmented view per sample for the whole run.
+`e % view_epochs` (`data.view_epochs`), or on view `e` (a new view every epoch).
+
+The cache grows: a view is built (the teacher run over every sample once) when a run first needs it,
+at the start of the epoch that reads it, and kept. Every later epoch and every later run with the same
+teacher, data and transforms reads it instead: a study whose variants all read one cache runs the
+teacher once per view, whatever the number of variants, seeds and epochs, and a longer run only adds
+the views past the shorter ones'.
 
 Storage (one directory):
-    manifest.json                        what the cache was built from: teacher weights sha256 and
-                                         input (mean/std/size), data fingerprint, transform repr,
-                                         seed, views, top-k, dtype, build precision
-    shard-RRRR-of-WWWW.values.npy        (views, rows, k or C) logits, float16 or float32
-    shard-RRRR-of-WWWW.indices.npy       (views, rows, k) int16/int32 class ids (top-k only)
-    shard-RRRR-of-WWWW.lse.npy           (views, rows) float32 logsumexp of the full logits (top-k only)
-    shard-RRRR-of-WWWW.done.json         written last: the shard is complete
-Sample `i` lives in shard `i % W`, row `i // W`: process `r` of `W` builds shard `r` alone (no
-coordination), and every process can read every shard through a read-only memory map.
+    manifest.json                              what the cache is built from: teacher weights sha256 and
+                                               input (mean/std/size), data fingerprint, transform repr,
+                                               seed, top-k, dtype, build precision
+    view-VVVVV/shard-RRRR-of-WWWW.values.npy   (rows, k or C) logits of view V, float16 or float32
+    view-VVVVV/shard-RRRR-of-WWWW.indices.npy  (rows, k) int16/int32 class ids (top-k only)
+    view-VVVVV/shard-RRRR-of-WWWW.lse.npy      (rows,) float32 logsumexp of the full logits (top-k only)
+    view-VVVVV/shard-RRRR-of-WWWW.done.json    written last: the shard of that view is complete
+Sample `i` lives in shard `i % W`, row `i // W`: process `r` of `W` builds shard `r` alone (one process at
+a time per shard and view, under a file lock: runs that need a view together build it once), and every
+process can read every shard through a read-only memory map.
 
 Top-k reconstruction: the stored top-k logits are put back in place and every other class gets
 the same logit, chosen so that the softmax at temperature 1 gives the k stored classes exactly their
@@ -52,7 +59,7 @@ from torch.utils.data import DataLoader
 
 from ..data.keyed_views import KeyedViews, collate_keyed
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: every view built up front in one file per shard
 MANIFEST = "manifest.json"
 
 
@@ -61,7 +68,8 @@ class TeacherCacheConfig:
     """Opt-in teacher-output cache (`model.teacher_cache`); needs `data.keyed_views: true`.
 
     Args:
-        dir: cache directory; built there at the start of training when it holds no cache. `{teacher_dir}`
+        dir: cache directory; created at the start of training when it holds no cache, each view built
+            when an epoch first reads it. `{teacher_dir}`
             stands for the teacher's run folder (the parent of its checkpoints/ folder; the first
             teacher's for an ensemble), so a recipe can keep each teacher's cache next to it, e.g.
             `{teacher_dir}/cache`.
@@ -69,7 +77,7 @@ class TeacherCacheConfig:
             distillation only; None = all logits (what soft, DKD and DIST need); `auto` = 10 for hard
             distillation, all logits otherwise.
         dtype: storage dtype of the logits: float16 (half the disk, ~1e-3 relative error) or float32.
-        build: build the cache when `dir` holds none; false = fail instead.
+        build: build the cache (and the views training reads) when `dir` lacks them; false = fail instead.
         verify_batches: the first N training batches are also run through the live teacher and
             compared with the cache; a mismatch stops training. 0 = off.
         batch_size: batch size of the build pass; None = the data's.
@@ -136,10 +144,13 @@ def dataset_fingerprint(dataset: Any, class_names: Sequence[str] | None = None) 
         h.update(np.asarray(targets, dtype=np.int64).tobytes())
     picks = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64)) if n else []
     samples = getattr(dataset, "samples", None)
-    if samples is not None:  # image folders: relative file names
-        root = str(getattr(dataset, "root", ""))
+    if samples is not None:  # image folders: relative file names (an unlabelled folder's relative to it)
+        roots = [str(r) for r in (getattr(dataset, "unlabeled_root", None), getattr(dataset, "root", "")) if r]
         for i in picks:
-            h.update(str(samples[int(i)][0]).replace(root, "").encode())
+            name = str(samples[int(i)][0])
+            for root in roots:
+                name = name.replace(root, "")
+            h.update(name.encode())
     else:  # arrays (digits, CIFAR's .data, synthetic .x, device uint8 tensors)
         data = next((getattr(dataset, a) for a in ("images", "data", "x") if getattr(dataset, a, None) is not None), None)
         if data is not None:
@@ -159,6 +170,14 @@ def _rows(num_samples: int, rank: int, world: int) -> int:
     return len(range(rank, num_samples, world))
 
 
+def view_dir(directory: str | Path, view: int) -> Path:
+    return Path(directory) / f"view-{int(view):05d}"
+
+
+def view_done(directory: str | Path, view: int, rank: int, world: int) -> bool:
+    return (view_dir(directory, view) / f"{_shard_name(rank, world)}.done.json").is_file()
+
+
 def reconstruct_logits(indices: torch.Tensor, values: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Full float32 logits from top-k (indices, values) and the logsumexp of the true logits: the
     k classes keep their logits, the others share the remaining probability mass evenly."""
@@ -176,8 +195,9 @@ def reconstruct_logits(indices: torch.Tensor, values: torch.Tensor, lse: torch.T
 
 
 class TeacherCache:
-    """Read side of a built cache: memory-maps every shard; `lookup(keys)` returns the stored rows of
-    a batch of `(index, view)` keys, `logits(keys, device)` the reconstructed logits on `device`."""
+    """Read side of a cache: memory-maps the shards of each view when first read; `lookup(keys)` returns
+    the stored rows of a batch of `(index, view)` keys, `logits(keys, device)` the reconstructed logits
+    on `device`. `has_view(v)` tells whether every shard of view `v` is built."""
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
@@ -189,20 +209,37 @@ class TeacherCache:
             raise ValueError(f"teacher cache {str(self.dir)!r} has format {self.manifest.get('format')}, "
                              f"this version reads {FORMAT_VERSION}; delete it to rebuild")
         m = self.manifest
-        self.num_samples, self.views, self.world = int(m["num_samples"]), int(m["views"]), int(m["world_size"])
+        self.num_samples, self.world = int(m["num_samples"]), int(m["world_size"])
         self.num_classes, self.topk = int(m["num_classes"]), m["topk"]
-        self.shards = []
-        for r in range(self.world):
-            name = _shard_name(r, self.world)
-            if not (self.dir / f"{name}.done.json").is_file():
-                raise ValueError(f"teacher cache {str(self.dir)!r}: shard {name} is incomplete (interrupted build); "
-                                 f"delete the directory to rebuild")
-            shard = {"values": np.load(self.dir / f"{name}.values.npy", mmap_mode="r")}
-            if self.topk:
-                shard["indices"] = np.load(self.dir / f"{name}.indices.npy", mmap_mode="r")
-                shard["lse"] = np.load(self.dir / f"{name}.lse.npy", mmap_mode="r")
-            self.shards.append(shard)
+        self._views: dict[int, list[dict[str, np.ndarray]]] = {}
         self._pin = torch.cuda.is_available()
+
+    def has_view(self, view: int) -> bool:
+        return int(view) in self._views or all(view_done(self.dir, view, r, self.world) for r in range(self.world))
+
+    def built_views(self) -> list[int]:
+        found = sorted(int(d.name.split("-")[1]) for d in self.dir.glob("view-*") if d.is_dir())
+        return [v for v in found if self.has_view(v)]
+
+    def _shards(self, view: int) -> list[dict[str, np.ndarray]]:
+        """The memory-mapped shards of `view` (opened once)."""
+        view = int(view)
+        if view not in self._views:
+            if not self.has_view(view):
+                built = self.built_views()
+                raise ValueError(f"teacher cache {str(self.dir)!r} holds no view {view} yet (built: "
+                                 f"{_ranges(built) or 'none'}): views are built when an epoch first reads them; "
+                                 f"train with this cache attached (model.teacher_cache) or set data.view_epochs")
+            folder, shards = view_dir(self.dir, view), []
+            for r in range(self.world):
+                name = _shard_name(r, self.world)
+                shard = {"values": np.load(folder / f"{name}.values.npy", mmap_mode="r")}
+                if self.topk:
+                    shard["indices"] = np.load(folder / f"{name}.indices.npy", mmap_mode="r")
+                    shard["lse"] = np.load(folder / f"{name}.lse.npy", mmap_mode="r")
+                shards.append(shard)
+            self._views[view] = shards
+        return self._views[view]
 
     # ------------------------------------------------------------------ validation
     def check_compatible(self, expected: dict[str, Any]) -> None:
@@ -253,21 +290,21 @@ class TeacherCache:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
             raise ValueError(f"teacher cache {str(self.dir)!r} holds {self.num_samples} samples; the batch asks for "
                              f"sample {int(idx.max())}: the data differs from the cache's")
-        if view.size and (view.min() < 0 or view.max() >= self.views):
-            raise ValueError(f"teacher cache {str(self.dir)!r} holds {self.views} view(s) per sample; the batch asks "
-                             f"for view {int(view.max())}: set data.view_epochs to {self.views} or rebuild")
+        if view.size and view.min() < 0:
+            raise ValueError(f"teacher cache {str(self.dir)!r}: the batch asks for view {int(view.min())}; views are >= 0")
         shard, row = idx % self.world, idx // self.world
-        out: dict[str, np.ndarray] = {}
-        for name in self.shards[0]:
-            if self.world == 1:
-                out[name] = np.asarray(self.shards[0][name][view, row])
-                continue
-            first = self.shards[0][name]
-            buf = np.empty((len(idx),) + first.shape[2:], dtype=first.dtype)
-            for s in np.unique(shard):
-                sel = shard == s
-                buf[sel] = self.shards[int(s)][name][view[sel], row[sel]]
-            out[name] = buf
+        views = np.unique(view)
+        if len(views) == 1 and self.world == 1:  # one epoch's batch on one process: plain gathers
+            out = {name: np.asarray(arr[row]) for name, arr in self._shards(int(views[0]))[0].items()}
+        else:
+            first = self._shards(int(views[0]))[0]
+            out = {name: np.empty((len(idx),) + arr.shape[1:], dtype=arr.dtype) for name, arr in first.items()}
+            for v in views:
+                shards = self._shards(int(v))
+                for s in np.unique(shard[view == v]):
+                    sel = (view == v) & (shard == s)
+                    for name in out:
+                        out[name][sel] = shards[int(s)][name][row[sel]]
         tensors = {k: torch.from_numpy(v.astype(np.int64) if k == "indices" else v) for k, v in out.items()}
         if self._pin:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
@@ -308,6 +345,18 @@ class TeacherCache:
                 f"top-1 agreement {top1:.1%}): the teacher, data or transforms changed; delete it to rebuild")
 
 
+def _ranges(values: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
 def _short(v: Any) -> str:
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -321,7 +370,7 @@ def build_cache(
     *,
     num_samples: int,
     num_classes: int,
-    views: int = 1,
+    views: int | Sequence[int] = 1,
     topk: int | None = 10,
     dtype: str = "float16",
     rank: int = 0,
@@ -330,66 +379,76 @@ def build_cache(
     device: torch.device | str = "cpu",
     autocast: Callable[[], Any] | None = None,
 ) -> None:
-    """Runs `teacher_fn` over `batches` of `(x, y, keys)` and writes shard `rank` of `world_size`.
+    """Runs `teacher_fn` over `batches` of `(x, y, keys)` and writes shard `rank` of `world_size` of each
+    view in `views` (a count: views 0 .. views-1; or the view ids).
 
-    `batches` must cover every (sample i with i % world_size == rank, view < views) exactly as
-    training will see it (same transform, same keyed seeding); rows of other ranks are skipped.
-    Rank 0 also writes `manifest.json` (call `write_manifest` after a barrier when world_size > 1, or
-    let rank 0 write it here when it is the only process).
+    `batches` must cover every (sample i with i % world_size == rank, view in views) exactly as
+    training will see it (same transform, same keyed seeding); rows of other ranks and views are
+    skipped. With `manifest`, a single process (world_size 1) also writes `manifest.json` (with several,
+    call `write_manifest` once, from rank 0, after a barrier).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    views = list(range(views)) if isinstance(views, int) else sorted({int(v) for v in views})
     np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
     k = min(int(topk), num_classes) if topk else None
+    idx_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
     rows = _rows(num_samples, rank, world_size)
     name = _shard_name(rank, world_size)
-    (directory / f"{name}.done.json").unlink(missing_ok=True)
     open_mm = np.lib.format.open_memmap
-    values = open_mm(directory / f"{name}.values.npy", mode="w+", dtype=np_dtype, shape=(views, rows, k or num_classes))
-    if k:
-        idx_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
-        indices = open_mm(directory / f"{name}.indices.npy", mode="w+", dtype=idx_dtype, shape=(views, rows, k))
-        lses = open_mm(directory / f"{name}.lse.npy", mode="w+", dtype=np.float32, shape=(views, rows))
-    written = np.zeros((views, rows), dtype=bool)
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for v in views:
+        folder = view_dir(directory, v)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.done.json").unlink(missing_ok=True)
+        out[v] = {"values": open_mm(folder / f"{name}.values.npy", mode="w+", dtype=np_dtype, shape=(rows, k or num_classes))}
+        if k:
+            out[v]["indices"] = open_mm(folder / f"{name}.indices.npy", mode="w+", dtype=idx_dtype, shape=(rows, k))
+            out[v]["lse"] = open_mm(folder / f"{name}.lse.npy", mode="w+", dtype=np.float32, shape=(rows,))
+    written = {v: np.zeros(rows, dtype=bool) for v in views}
+    wanted = np.asarray(views, dtype=np.int64)
     ctx = autocast or (lambda: torch.autocast(torch.device(device).type, enabled=False))
     with torch.no_grad():
         for batch in batches:
             x, keys = batch[0], batch[2]
             keys = keys.cpu().numpy() if torch.is_tensor(keys) else np.asarray(keys)
-            mine = keys[:, 0] % world_size == rank
+            mine = (keys[:, 0] % world_size == rank) & np.isin(keys[:, 1], wanted)
             if not mine.any():
                 continue
             with ctx():
                 z = teacher_fn(x.to(device, non_blocking=True)).float()
             z = z[torch.from_numpy(mine).to(z.device)]
-            i, v = keys[mine, 0] // world_size, keys[mine, 1]
-            if k:
-                top = z.topk(k, dim=-1)
-                indices[v, i] = top.indices.cpu().numpy().astype(idx_dtype)
-                values[v, i] = top.values.cpu().numpy().astype(np_dtype)
-                lses[v, i] = torch.logsumexp(z, dim=-1).cpu().numpy()
-            else:
-                values[v, i] = z.cpu().numpy().astype(np_dtype)
-            written[v, i] = True
-    if not written.all():
-        missing = int((~written).sum())
-        raise ValueError(f"teacher cache build: {missing} of {written.size} (view, sample) rows of shard {name} were "
-                         f"not produced by the batches; the data covers fewer samples or views than declared")
-    values.flush()
-    if k:
-        indices.flush()
-        lses.flush()
-    (directory / f"{name}.done.json").write_text(json.dumps(dict(rows=rows, views=views)))
+            i, view = keys[mine, 0] // world_size, keys[mine, 1]
+            top = z.topk(k, dim=-1) if k else None
+            lse = torch.logsumexp(z, dim=-1).cpu().numpy() if k else None
+            for v in np.unique(view):
+                sel = view == v
+                target, rows_v = out[int(v)], i[sel]
+                if k:
+                    target["indices"][rows_v] = top.indices[torch.from_numpy(sel).to(z.device)].cpu().numpy().astype(idx_dtype)
+                    target["values"][rows_v] = top.values[torch.from_numpy(sel).to(z.device)].cpu().numpy().astype(np_dtype)
+                    target["lse"][rows_v] = lse[sel]
+                else:
+                    target["values"][rows_v] = z[torch.from_numpy(sel).to(z.device)].cpu().numpy().astype(np_dtype)
+                written[int(v)][rows_v] = True
+    missing = sum(int((~w).sum()) for w in written.values())
+    if missing:
+        raise ValueError(f"teacher cache build: {missing} of {rows * len(views)} (view, sample) rows of shard {name} "
+                         f"were not produced by the batches; the data covers fewer samples or views than declared")
+    for v in views:
+        for array in out[v].values():
+            array.flush()
+        (view_dir(directory, v) / f"{name}.done.json").write_text(json.dumps(dict(rows=rows, view=v)))
     if manifest is not None and rank == 0 and world_size == 1:
-        write_manifest(directory, manifest, num_samples=num_samples, num_classes=num_classes, views=views,
-                       topk=k, dtype=dtype, world_size=world_size)
+        write_manifest(directory, manifest, num_samples=num_samples, num_classes=num_classes, topk=k, dtype=dtype,
+                       world_size=world_size)
 
 
-def write_manifest(directory: str | Path, fields: dict[str, Any], *, num_samples: int, num_classes: int, views: int,
+def write_manifest(directory: str | Path, fields: dict[str, Any], *, num_samples: int, num_classes: int,
                    topk: int | None, dtype: str, world_size: int) -> None:
     m = dict(fields)
-    m.update(format=FORMAT_VERSION, num_samples=int(num_samples), num_classes=int(num_classes), views=int(views),
+    m.update(format=FORMAT_VERSION, num_samples=int(num_samples), num_classes=int(num_classes),
              topk=topk, dtype=dtype, world_size=int(world_size), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    Path(directory).mkdir(parents=True, exist_ok=True)
     tmp = Path(directory) / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(m, indent=1))
     tmp.replace(Path(directory) / MANIFEST)
@@ -397,8 +456,8 @@ def write_manifest(directory: str | Path, fields: dict[str, Any], *, num_samples
 
 @contextmanager
 def _build_lock(directory: Path, rank: int):
-    """An exclusive lock on building shard `rank` of `directory`, across processes (flock): a second
-    process that wants the same cache waits until the first has written it."""
+    """An exclusive lock on building shard `rank` of `directory` (the cache, or one view's folder), across
+    processes (flock): a second process that wants the same shard waits until the first has written it."""
     import fcntl
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -473,14 +532,14 @@ def _view_source(dm) -> dict[str, Any]:
     return dict(dataset=ds, transform=transform_repr(getattr(ds, "transform", None)), loader=None)
 
 
-def _build_batches(dm, views: int, rank: int, world: int, batch_size: int | None) -> Iterable[tuple]:
-    """(x, y, keys) batches over this rank's samples and all views, augmented as training will."""
+def _build_batches(dm, views: Sequence[int], rank: int, world: int, batch_size: int | None) -> Iterable[tuple]:
+    """(x, y, keys) batches over this rank's samples and the given views, augmented as training will."""
     if dm.hparams.get("on_device"):
         loader = _view_source(dm)["loader"]
         return loader.view_batches(views, rank=rank, world_size=world, batch_size=batch_size)
     ds = KeyedViews(dm.train_set, dm.hparams.seed)
     n = len(ds)
-    keys = [v * n + i for v in range(views) for i in range(rank, n, world)]
+    keys = [v * n + i for v in views for i in range(rank, n, world)]
     return DataLoader(ds, batch_size=batch_size or dm.batch_size, sampler=keys, num_workers=dm.num_workers,
                       collate_fn=collate_keyed, pin_memory=torch.cuda.is_available())
 
@@ -500,8 +559,9 @@ def cache_dir(cfg: TeacherCacheConfig, teacher) -> Path:
 
 
 def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> TeacherCache:
-    """Opens (building it first when missing and allowed) the cache of a frozen teacher at fit start and
-    checks it against the live teacher, data and transforms. Every rank builds its own shard."""
+    """Opens the cache of a frozen teacher at fit start (creating its manifest when the directory holds
+    none and building is allowed) and checks it against the live teacher, data and transforms. Views
+    are built later, when an epoch first reads them (`CachedTeacher.prepare_epoch`)."""
     dm = getattr(trainer, "datamodule", None)
     directory = cache_dir(cfg, teacher)
     expected = cache_manifest(teacher, cfg, trainer, dm)
@@ -517,43 +577,67 @@ def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device |
                          "batch is not the mix of its outputs; set data.mixup and data.cutmix to 0 or drop the cache")
     if not dm.hparams.get("keyed_views"):
         raise ValueError("model.teacher_cache needs data.keyed_views: true (batches that name the view they hold)")
-    view_epochs = dm.hparams.get("view_epochs")
-    views = int(view_epochs or max(1, trainer.max_epochs or 1))
     if not has_cache(directory):
         if not cfg.build:
             raise FileNotFoundError(f"model.teacher_cache: {str(directory)!r} holds no cache and build is false")
-        rank, world = trainer.global_rank, trainer.world_size
-        # Several runs sharing one cache (e.g. the workers of a study) start together: the first builds,
-        # the others wait for it here and then read what it built.
-        with _build_lock(directory, rank):
-            if not has_cache(directory):
-                batches = _build_batches(dm, views, rank, world, cfg.batch_size)
-                build_cache(directory, teacher, batches, num_samples=expected["data"]["num_samples"],
-                            num_classes=num_classes, views=views, topk=cfg.topk, dtype=cfg.dtype, rank=rank,
-                            world_size=world, device=device, autocast=trainer.precision_plugin.forward_context)
-                trainer.strategy.barrier("teacher_cache_build")
-                if rank == 0:
-                    write_manifest(directory, expected, num_samples=expected["data"]["num_samples"],
-                                   num_classes=num_classes, views=views, topk=expected["topk"], dtype=cfg.dtype,
-                                   world_size=world)
-                trainer.strategy.barrier("teacher_cache_manifest")
+        # Several runs sharing one cache (e.g. the workers of a study) start together: one writes the manifest.
+        with _build_lock(directory, 0):
+            if trainer.global_rank == 0 and not has_cache(directory):
+                write_manifest(directory, expected, num_samples=expected["data"]["num_samples"], num_classes=num_classes,
+                               topk=expected["topk"], dtype=cfg.dtype, world_size=trainer.world_size)
+        trainer.strategy.barrier("teacher_cache_manifest")
     cache = TeacherCache(directory)
     cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "topk", "dtype")})
-    if view_epochs is None and cache.views < (trainer.max_epochs or 1):
-        raise ValueError(f"teacher cache {str(directory)!r} holds {cache.views} view(s) per sample but training runs "
-                         f"{trainer.max_epochs} epochs with a new view each; set data.view_epochs: {cache.views}")
-    if view_epochs is not None and int(view_epochs) != cache.views:
-        raise ValueError(f"teacher cache {str(directory)!r} holds {cache.views} view(s) per sample but "
-                         f"data.view_epochs is {view_epochs}; make them equal or rebuild")
+    if cache.world != trainer.world_size:
+        raise ValueError(f"teacher cache {str(directory)!r} is sharded for {cache.world} process(es) and this run has "
+                         f"{trainer.world_size}; point model.teacher_cache.dir elsewhere for this world size")
     return cache
+
+
+def view_builder(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> Callable[[int], None]:
+    """`build(view)`: this process's shard of `view` built when missing (runs of a study that need it together
+    build it once: the others wait on the lock, then read it), then a barrier so that every shard exists."""
+    dm = trainer.datamodule
+    directory = cache_dir(cfg, teacher)
+    cache = TeacherCache(directory)
+
+    def build(view: int) -> None:
+        rank, world = trainer.global_rank, trainer.world_size
+        if not view_done(directory, view, rank, world):
+            if not cfg.build:
+                raise FileNotFoundError(f"model.teacher_cache: {str(directory)!r} holds no view {view} and build is false")
+            with _build_lock(view_dir(directory, view), rank):
+                if not view_done(directory, view, rank, world):
+                    if rank == 0:
+                        from lightning.pytorch.utilities import rank_zero_info
+
+                        rank_zero_info(f"teacher cache: building view {view} ({cache.num_samples:,} samples) in {directory}")
+                    batches = _build_batches(dm, [view], rank, world, cfg.batch_size)
+                    build_cache(directory, teacher, batches, num_samples=cache.num_samples,
+                                num_classes=cache.num_classes, views=[view], topk=cache.topk, dtype=cfg.dtype,
+                                rank=rank, world_size=world, device=device,
+                                autocast=trainer.precision_plugin.forward_context)
+        trainer.strategy.barrier("teacher_cache_view")
+
+    return build
 
 
 class CachedTeacher:
     """What a `FrozenTeacher` reads its training logits from once a cache is attached: the stored
-    outputs of the batch's views, checked against the live teacher on the first `verify_batches`."""
+    outputs of the batch's views, checked against the live teacher on the first `verify_batches`.
 
-    def __init__(self, cache: TeacherCache, verify_batches: int, precision: str | None) -> None:
+    `prepare_epoch(epoch)` (DistillModule calls it when an epoch starts) builds the epoch's view with
+    `build_view` when the cache lacks it; epoch `e` reads view `e % view_epochs`, or `e`."""
+
+    def __init__(self, cache: TeacherCache, verify_batches: int, precision: str | None,
+                 build_view: Callable[[int], None] | None = None, view_epochs: int | None = None) -> None:
         self.cache, self.to_verify, self.precision = cache, int(verify_batches), precision
+        self.build_view, self.view_epochs = build_view, view_epochs
+
+    def prepare_epoch(self, epoch: int) -> None:
+        view = epoch % self.view_epochs if self.view_epochs else epoch
+        if self.build_view is not None:
+            self.build_view(view)  # every process calls it (it ends in a barrier), built or not
 
     def __call__(self, teacher, batch) -> torch.Tensor:
         if len(batch) < 3:

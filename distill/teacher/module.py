@@ -115,7 +115,8 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
             if hp.get(key) is None:
                 hp[key] = value
         # Which images validation holds out: a student must validate on the same ones (DistillModule checks).
-        hp["data_split"] = dict(dm.split_fingerprint, seed=dm.hparams.seed)
+        hp["data_split"] = dict(dm.split_fingerprint, seed=dm.hparams.seed,
+                                labels_per_class=dm.hparams.get("labels_per_class"))
         if hp.num_classes != dm.num_classes:
             raise ValueError(f"model.num_classes={hp.num_classes} but the data has {dm.num_classes} classes; "
                              f"remove model.num_classes or fix the data")

@@ -108,12 +108,13 @@ def scaled_lr(trainer, lr: float, reference_batch: int | None) -> float:
 def optimizer_config(module, model: nn.Module, lr: float, weight_decay: float, warmup_epochs: float,
                      min_lr_ratio: float, warmup_start_ratio: float = 0.0, cooldown_epochs: float = 0.0,
                      lr_reference_batch: int | None = None, layer_decay: float | None = None,
-                     extra: nn.Module | None = None) -> dict:
+                     extra: nn.Module | None = None, warmup_steps: int | None = None) -> dict:
     """`configure_optimizers` output for a LightningModule training `model` (a submodule).
 
     The schedule follows the real run: warm-up and cool-down are measured in real epochs (batches per
     epoch and gradient accumulation included) and the cosine ends where training ends, whether that
-    is set by `trainer.max_epochs`, `trainer.max_steps` or both. `layer_decay`: see `adamw`."""
+    is set by `trainer.max_epochs`, `trainer.max_steps` or both. `warmup_steps`, when given, is the
+    warm-up in optimizer steps instead of `warmup_epochs`. `layer_decay`: see `adamw`."""
     trainer = module.trainer
     total = trainer.estimated_stepping_batches  # also loads the training data: num_training_batches is known
     per_epoch = steps_per_epoch(trainer) if (warmup_epochs or cooldown_epochs) else 1
@@ -121,6 +122,9 @@ def optimizer_config(module, model: nn.Module, lr: float, weight_decay: float, w
         raise ValueError("the run has no end: set trainer.max_epochs or trainer.max_steps")
     lr = scaled_lr(trainer, lr, lr_reference_batch)
     opt = adamw(model, lr, weight_decay, extra=extra, layer_decay=layer_decay)
-    sched = warmup_cosine(opt, int(total), round(warmup_epochs * per_epoch), min_lr_ratio, warmup_start_ratio,
-                          round(cooldown_epochs * per_epoch))
+    if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0):
+        raise ValueError(f"model.init_args.warmup_steps={warmup_steps!r} must be a whole number >= 0 or null "
+                         f"(then warmup_epochs applies)")
+    warmup = round(warmup_epochs * per_epoch) if warmup_steps is None else warmup_steps
+    sched = warmup_cosine(opt, int(total), warmup, min_lr_ratio, warmup_start_ratio, round(cooldown_epochs * per_epoch))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
