@@ -32,6 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+# Every file an export writes, and the only names `_check_out` replaces and `distill push` uploads.
+# The first two are timm's save_for_hf's (checked after each save); the other two are written below.
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, RECIPE_FILE = "config.json", "model.safetensors", "README.md", "recipe.yaml"
+EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, RECIPE_FILE)
 CHECK_INPUTS = 8  # random inputs the reloaded model is compared on
 MAX_LOGIT_DIFF = 1e-5
 # What timm's registry cfg says about *its* weights (a tag, a URL, a paper, a licence); not true of these.
@@ -181,14 +185,47 @@ def _check(folder: Path, ex: _Exportable) -> tuple[float, float | None, Any]:
     return diff, tdiff, reloaded
 
 
+def listing(folder: Path, names: list[str] | None = None, most: int = 8) -> str:
+    """`a, b/, c and 3 more` (a trailing / marks a folder): what a one-line message says a folder holds."""
+    names = sorted(p.name for p in folder.iterdir()) if names is None else names
+    shown = [f"{n}/" if (folder / n).is_dir() else n for n in names[:most]]
+    return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def is_toolkit_export(folder: Path) -> bool:
+    """True when `folder/config.json` carries the record an export of this toolkit writes."""
+    import json
+
+    try:
+        record = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("distill")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(record, dict) and str(record.get("toolkit", "")).startswith("distill ")
+
+
 def _check_out(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
-        raise ValueError(f"--out {str(out)!r} exists and is not an earlier export (no config.json); choose another "
-                         f"folder or remove it")
+    """`out` may be new, an empty folder, or an earlier export of this toolkit holding nothing else:
+    only those are replaced. Anything else may be the user's (a clone of a Hub repository with its
+    .git and notes, a folder of timm's save_for_hf): refused, untouched."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not an earlier export; choose a new or empty folder")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    others = [n for n in names if n not in EXPORT_FILES or not (out / n).is_file()]
+    if is_toolkit_export(out) and not others:
+        return
+    why = (f"it holds {listing(out, others)} besides an export's files" if is_toolkit_export(out) else
+           f"its {CONFIG_FILE} has no distill export record" if (out / CONFIG_FILE).is_file() else f"no {CONFIG_FILE}")
+    raise ValueError(f"--out {str(out)!r} is not an earlier export of distill ({why}; it holds {listing(out, names)}); "
+                     f"nothing there was changed: choose a new or empty folder")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():  # an earlier export (checked by _check_out): replaced whole
+    _check_out(out)  # again: the folder may have changed while the export was being checked
+    if out.exists():  # empty, or an earlier export and nothing else (checked by _check_out): replaced whole
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         tmp.rename(out)
@@ -243,12 +280,16 @@ def export_hf(
     try:
         save_for_hf(model, str(tmp), model_config=dict(label_names=meta["class_names"], distill=record),
                     safe_serialization=True, data_config=_data_config(ex.spec))
+        saved = sorted(p.name for p in tmp.iterdir())
+        if saved != sorted((CONFIG_FILE, WEIGHTS_FILE)):  # EXPORT_FILES must stay what an export writes
+            raise RuntimeError(f"timm's save_for_hf wrote {', '.join(saved)}, not {CONFIG_FILE} and {WEIGHTS_FILE}: "
+                               f"this timm is not one distill's export knows; nothing was written to {out}")
         diff, tdiff, _ = _check(tmp, ex)
         if diff > MAX_LOGIT_DIFF or (tdiff is not None and tdiff > 1e-6):
             raise RuntimeError(f"export check failed: timm.create_model('local-dir:...') differs from the checkpoint "
                                f"(max |logit diff| {diff:.3g}, transform diff {tdiff}); nothing was written to {out}")
         if recipe_path is not None:
-            shutil.copyfile(recipe_path, tmp / "recipe.yaml")
+            shutil.copyfile(recipe_path, tmp / RECIPE_FILE)
         facts = dict(
             title=out.resolve().name, kind=ex.kind, head=ex.head, arch=meta["name"],
             distilled=hasattr(model, "head_dist"), model_args=_arch_args(tmp), params=sum(p.numel() for p in model.parameters()),
@@ -257,14 +298,14 @@ def export_hf(
             epoch=run.get("epoch"), global_step=run.get("global_step"), checkpoint=record["checkpoint"],
             wandb=dict(run_id=run.get("wandb_id"), project=wandb_opts.get("project"), entity=wandb_opts.get("entity")),
             data=dict(dataset=dataset or _dataset_name(recipe)), recipe=_recipe_summary(ex, run),
-            recipe_file="recipe.yaml" if recipe_path is not None else None, license=license,
+            recipe_file=RECIPE_FILE if recipe_path is not None else None, license=license,
             datasets=[dataset or _dataset_name(recipe)] if (dataset or _dataset_name(recipe)) else None,
             repo_id=repo_id, max_diff=diff, check_inputs=CHECK_INPUTS,
             needs_import="distill.cifar_resnet" if str(meta["name"]).startswith("cifar_resnet") else None,
             command=command or shlex.join(["distill", "export", str(checkpoint), "--format", "hf",
                                            *(["--head", ex.head] if ex.head else []), "--out", str(out)]),
         )
-        (tmp / "README.md").write_text(card_text(facts), encoding="utf-8")
+        (tmp / CARD_FILE).write_text(card_text(facts), encoding="utf-8")
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -281,5 +322,5 @@ def _arch_args(folder: Path) -> dict[str, Any]:
     """The model_args save_for_hf recorded, without the task ones the card states apart."""
     import json
 
-    args = dict(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_args") or {})
+    args = dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("model_args") or {})
     return {k: v for k, v in args.items() if k not in ("num_classes", "in_chans", "img_size")}
