@@ -567,6 +567,8 @@ def test_wandb_log_model_and_export_artifacts_in_the_offline_run_folder(tmp_path
     assert staged.read_bytes() == best.read_bytes()
     (export,) = artifacts(continued)  # the export, logged to the same run id
     assert export.name == f"hf-model-{run_id}" and export.run_id == run_id and export.type == "model"
+    metadata = json.loads(export.metadata)  # config.json's record: where its metrics were measured too
+    assert metadata["metrics_at"] == {"epoch": 0, "global_step": 2} and metadata["global_step"] == 2
     assert {e.path for e in export.manifest.contents} == {"config.json", "model.safetensors", "README.md", "recipe.yaml"}
     assert f"W&B run**: `{run_id}`" in (tmp_path / "export" / "README.md").read_text()
     assert json.loads((tmp_path / "export" / "config.json").read_text())["distill"]["run"]["wandb_id"] == run_id

@@ -5,7 +5,7 @@ folder timm shares models in, written by timm's own `timm.models.save_for_hf`:
   pretrained_cfg holding the evaluation transform the checkpoint recorded (input_size, mean, std,
   crop_pct, interpolation; crop_mode `squash` for the stretching resize of checkpoints written before
   crop_pct was recorded), plus a `distill` record timm ignores (kind, head, checkpoint sha256,
-  teacher lineage, metrics, W&B run id);
+  teacher lineage, validation metrics and the epoch/step they were measured at, W&B run id);
 - `model.safetensors`;
 - `README.md`: the model card (`distill.sharing.model_card`);
 - `recipe.yaml`: the resolved recipe of the run, when its run folder has one (`config.yaml`).
@@ -115,7 +115,7 @@ def _data_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _teacher_lineage(identity: dict[str, Any]) -> dict[str, Any]:
     """The teacher's identity without local paths (what the card and config.json may publish)."""
-    keep = ("architecture", "sha256", "val_acc", "run_id", "num_classes")
+    keep = ("architecture", "sha256", "val_acc", "val_acc_at", "weights_at", "run_id", "num_classes")
     if identity.get("members"):
         return dict(members=[{k: m.get(k) for k in keep} for m in identity["members"]],
                     combine=identity.get("combine"), architecture=identity.get("architecture"))
@@ -267,7 +267,8 @@ def export_hf(
     teacher = _teacher_lineage(dict(ex.obj.get("distill_teacher") or {}))
     record = dict(kind=ex.kind, head=ex.head, toolkit=f"distill {__version__}",
                   checkpoint=dict(file=Path(checkpoint).name, sha256=sha256_of(checkpoint)),
-                  metrics=dict(run.get("metrics") or {}), epoch=run.get("epoch"), global_step=run.get("global_step"),
+                  metrics=dict(run.get("metrics") or {}), metrics_at=run.get("metrics_at"), epoch=run.get("epoch"),
+                  global_step=run.get("global_step"),
                   run=dict(wandb_id=run.get("wandb_id"), wandb_project=wandb_opts.get("project") if run.get("wandb_id") else None),
                   teacher=teacher or None, data_split=ex.hp.get("data_split"))
     record = {k: v for k, v in record.items() if v is not None}
@@ -295,7 +296,8 @@ def export_hf(
             distilled=hasattr(model, "head_dist"), model_args=_arch_args(tmp), params=sum(p.numel() for p in model.parameters()),
             num_classes=meta["num_classes"], class_names=meta["class_names"], in_chans=meta["in_chans"],
             img_size=meta["img_size"], spec=ex.spec, teacher=teacher, metrics=record.get("metrics"),
-            epoch=run.get("epoch"), global_step=run.get("global_step"), checkpoint=record["checkpoint"],
+            metrics_at=run.get("metrics_at"), epoch=run.get("epoch"), global_step=run.get("global_step"),
+            checkpoint=record["checkpoint"],
             wandb=dict(run_id=run.get("wandb_id"), project=wandb_opts.get("project"), entity=wandb_opts.get("entity")),
             data=dict(dataset=dataset or _dataset_name(recipe)), recipe=_recipe_summary(ex, run),
             recipe_file=RECIPE_FILE if recipe_path is not None else None, license=license,
