@@ -93,3 +93,65 @@ def test_a_students_teacher_accuracy_says_where_it_was_measured(validated_before
     assert "this checkpoint's weights" in intro and "earlier weights" not in intro
     record = json.loads((root / "student_export" / "config.json").read_text())["distill"]
     assert record["teacher"]["val_acc_at"] == {"epoch": 1, "global_step": 4}
+
+
+def test_no_file_of_an_export_holds_a_path_of_the_training_machine(tiny_teacher_ckpt, tmp_path, monkeypatch):
+    """A pipeline-like layout under tmp_path, trained and exported with absolute paths throughout."""
+    import shutil
+
+    from distill.commands.main import main
+
+    teacher = tmp_path / "teacher" / "checkpoints" / "best.ckpt"
+    teacher.parent.mkdir(parents=True)
+    shutil.copyfile(tiny_teacher_ckpt, teacher)
+    run = tmp_path / "student"
+    student = ["--model.init_args.student.embed_dim", "32", "--model.init_args.student.depth", "1",
+               "--model.init_args.student.num_heads", "2"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", "--config", str(REPO / "recipes/digits/student.yaml"), *student,
+                     "--model.init_args.teacher", str(teacher), "--trainer.default_root_dir", str(run),
+                     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]) == 0
+        assert str(run) in (run / "config.yaml").read_text()  # what the run keeps for itself
+        out = tmp_path / "export"
+        assert main(["export", str(run / "checkpoints" / "last.ckpt"), "--format", "hf", "--out", str(out),
+                     "--wandb", "off"]) == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md", "recipe.yaml"}
+    private = {str(tmp_path), str(tmp_path.resolve()), str(Path.home()), str(REPO), str(REPO.resolve())}
+    for file in out.iterdir():
+        content = file.read_bytes()
+        leaked = [p for p in private if p.encode() in content]
+        assert not leaked, f"{file.name} holds {leaked}"
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    print(*(out / "recipe.yaml").read_text().splitlines()[:3], sep="\n")
+    assert recipe["model"]["init_args"]["teacher"] == "../teacher/checkpoints/best.ckpt"  # beside the run
+    assert "default_root_dir" not in recipe["trainer"]  # the run's own place: dropped, and said so
+    assert "trainer.default_root_dir" in (out / "recipe.yaml").read_text().splitlines()[2]
+    card = (out / "README.md").read_text()
+    assert "distill export ./checkpoints/last.ckpt --format hf --out ../export --wandb off" in card
+
+
+def test_paths_under_the_checkout_stay_relative_to_it_and_others_are_dropped(tmp_path):
+    from distill.sharing.portable import portable_recipe
+
+    run = tmp_path / "runs" / "student"
+    recipe = {"data": {"root": str(REPO / "data" / "cifar10-small"), "source": "imagefolder"},
+              "model": {"init_args": {"student": {"name": f"local-dir:{tmp_path / 'runs' / 'export'}",
+                                                  "pretrained": str(Path.home() / "weights" / "vit.pth")},
+                                      "teacher": "runs/digits/teacher/checkpoints/last.ckpt"}},
+              "trainer": {"default_root_dir": str(run), "callbacks": [str(run / "probe.py"), "/etc/x"]},
+              "checkpoint": {"monitor": "val/acc"}, "url": "https://huggingface.co/me/model"}
+    portable, dropped = portable_recipe(recipe, run)
+    assert portable["data"] == {"root": "data/cifar10-small", "source": "imagefolder"}
+    assert portable["model"]["init_args"] == {"student": {"name": "local-dir:../export"},
+                                              "teacher": "runs/digits/teacher/checkpoints/last.ckpt"}
+    assert portable["trainer"] == {"callbacks": ["./probe.py"]}
+    assert portable["checkpoint"] == {"monitor": "val/acc"} and portable["url"] == recipe["url"]
+    assert dropped == ["model.init_args.student.pretrained", "trainer.default_root_dir", "trainer.callbacks[1]"]
+    # the card's command line (and its "started from"): made relative, or cut to the file's name
+    from distill.sharing.portable import portable_command
+
+    command = f"distill export {run / 'checkpoints' / 'last.ckpt'} --out={Path.home() / 'exports' / 'vit'} --head cls"
+    assert portable_command(command, run) == "distill export ./checkpoints/last.ckpt --out=vit --head cls"
+    assert portable_command(f"local-dir:{Path.home() / 'hub' / 'vit-tiny'}", run) == "vit-tiny"

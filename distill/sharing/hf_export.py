@@ -8,7 +8,9 @@ folder timm shares models in, written by timm's own `timm.models.save_for_hf`:
   teacher lineage, validation metrics and the epoch/step they were measured at, W&B run id);
 - `model.safetensors`;
 - `README.md`: the model card (`distill.sharing.model_card`);
-- `recipe.yaml`: the resolved recipe of the run, when its run folder has one (`config.yaml`).
+- `recipe.yaml`: the resolved recipe of the run, when its run folder has one (`config.yaml`), its
+  absolute paths made relative or dropped (`distill.sharing.portable`): nothing published names the
+  training machine's folders (the card's command line neither).
 
 So `timm.create_model("local-dir:DIR", pretrained=True)` (or `"hf-hub:ORG/NAME"` once pushed) returns
 the checkpoint's logits, and `timm.data.resolve_data_config` + `create_transform` give the toolkit's
@@ -144,6 +146,8 @@ def _dataset_name(recipe: dict[str, Any]) -> str | None:
 
 
 def _recipe_summary(ex: _Exportable, run: dict[str, Any]) -> dict[str, Any]:
+    from .portable import portable_command
+
     hp, out = ex.hp, {}
     if ex.kind == "student":
         loss = dict(hp.get("loss") or {})
@@ -156,6 +160,8 @@ def _recipe_summary(ex: _Exportable, run: dict[str, Any]) -> dict[str, Any]:
     for key, label in (("ema_decay", "EMA decay"), ("layer_decay", "layer decay"), ("pretrained_from", "started from")):
         if hp.get(key):
             out[label] = hp[key]
+    if out.get("started from"):  # a weights file or local-dir: folder of the training machine
+        out["started from"] = portable_command(str(out["started from"]), run.get("run_dir"))
     if hp.get("feature_guidance"):
         out["feature guidance"] = "on"
     return {k: v for k, v in out.items() if v not in (None, "")}
@@ -256,6 +262,7 @@ def export_hf(
     from ..models.meta import model_meta
     from ..models.weights import sha256_of
     from .model_card import card_text
+    from .portable import portable_command, portable_recipe_text
 
     out = Path(out)
     _check_out(out)
@@ -290,7 +297,8 @@ def export_hf(
             raise RuntimeError(f"export check failed: timm.create_model('local-dir:...') differs from the checkpoint "
                                f"(max |logit diff| {diff:.3g}, transform diff {tdiff}); nothing was written to {out}")
         if recipe_path is not None:
-            shutil.copyfile(recipe_path, tmp / RECIPE_FILE)
+            text = portable_recipe_text(recipe_path.read_text(encoding="utf-8"), run.get("run_dir"))
+            (tmp / RECIPE_FILE).write_text(text, encoding="utf-8")
         facts = dict(
             title=out.resolve().name, kind=ex.kind, head=ex.head, arch=meta["name"],
             distilled=hasattr(model, "head_dist"), model_args=_arch_args(tmp), params=sum(p.numel() for p in model.parameters()),
@@ -304,8 +312,9 @@ def export_hf(
             datasets=[dataset or _dataset_name(recipe)] if (dataset or _dataset_name(recipe)) else None,
             repo_id=repo_id, max_diff=diff, check_inputs=CHECK_INPUTS,
             needs_import="distill.cifar_resnet" if str(meta["name"]).startswith("cifar_resnet") else None,
-            command=command or shlex.join(["distill", "export", str(checkpoint), "--format", "hf",
-                                           *(["--head", ex.head] if ex.head else []), "--out", str(out)]),
+            command=portable_command(command or shlex.join(
+                ["distill", "export", str(checkpoint), "--format", "hf", *(["--head", ex.head] if ex.head else []),
+                 "--out", str(out)]), run.get("run_dir")),
         )
         (tmp / CARD_FILE).write_text(card_text(facts), encoding="utf-8")
         _move_into_place(tmp, out)

@@ -159,8 +159,8 @@ def _lineage(facts: dict[str, Any]) -> str:
         out.append("- **Recipe**: " + "; ".join(f"{k} {v}" for k, v in recipe.items()))
     if facts.get("recipe_file"):
         out.append(f"- **Resolved recipe**: `{facts['recipe_file']}` in this folder (`distill fit --config "
-                   f"{facts['recipe_file']}` trains it again; its data and teacher paths are those of the "
-                   f"machine that trained it)")
+                   f"{facts['recipe_file']}` trains it again; its paths are relative to the toolkit's checkout "
+                   f"or the run's folder, and those elsewhere on the training machine were dropped, listed at its top)")
     return "\n".join(out) + "\n"
 
 
