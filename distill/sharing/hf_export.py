@@ -221,10 +221,13 @@ def _check_out(out: Path) -> None:
     if not names:
         return
     others = [n for n in names if n not in EXPORT_FILES or not (out / n).is_file()]
-    if is_toolkit_export(out) and not others:
-        return
-    why = (f"it holds {listing(out, others)} besides an export's files" if is_toolkit_export(out) else
-           f"its {CONFIG_FILE} has no distill export record" if (out / CONFIG_FILE).is_file() else f"no {CONFIG_FILE}")
+    if is_toolkit_export(out):
+        if not others:
+            return
+        raise ValueError(f"--out {str(out)!r} is not an earlier export of distill alone (it holds "
+                         f"{listing(out, others)} besides the export's files); nothing there was changed: choose a new "
+                         f"or empty folder, or move those out")
+    why = f"its {CONFIG_FILE} has no distill export record" if (out / CONFIG_FILE).is_file() else f"no {CONFIG_FILE}"
     raise ValueError(f"--out {str(out)!r} is not an earlier export of distill ({why}; it holds {listing(out, names)}); "
                      f"nothing there was changed: choose a new or empty folder")
 
