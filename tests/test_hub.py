@@ -186,7 +186,8 @@ def test_model_card_is_hub_yaml_with_lineage_accuracies_and_command(trained):
         assert f"{100 * metrics[key]:.2f}%" in row, row
     params = sum(p.numel() for p in load_student(trained.student_ckpt).parameters())
     assert f"{params:,} parameters" in text
-    assert f"distill export {trained.student_ckpt} --format hf --head cls --out {trained.student['cls']}" in text
+    # the command, its paths relative to the run folder (root/student_run) they lie beside
+    assert "distill export ../student.ckpt --format hf --head cls --out ../cls" in text and str(trained.root) not in text
     assert "hf-hub:ORG/NAME" in text and "class-token head alone" in text
 
 
@@ -205,6 +206,90 @@ def test_export_writes_nothing_when_refused_or_when_the_check_fails(trained, tmp
     with pytest.raises(RuntimeError, match="nothing was written"):
         export_hf(trained.student_ckpt, tmp_path / "failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no folder, no temporary left
+    # a timm whose save_for_hf writes another file: EXPORT_FILES (what push uploads) would miss it
+    monkeypatch.setattr(hf_export, "MAX_LOGIT_DIFF", 1e-5)
+    save_for_hf = timm.models.save_for_hf
+
+    def save_and_more(model, folder, **kwargs):
+        save_for_hf(model, folder, **kwargs)
+        (Path(folder) / "open_clip_config.json").write_text("{}")
+
+    monkeypatch.setattr(timm.models, "save_for_hf", save_and_more)
+    with pytest.raises(RuntimeError, match="save_for_hf wrote .*open_clip_config.json.*nothing was written"):
+        export_hf(trained.student_ckpt, tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under `folder` with its bytes (None for a folder): what "left intact" compares."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def _fake_hub_clone(folder: Path) -> Path:
+    """What `git clone https://huggingface.co/someone/model` leaves: .git, the owner's notes in README.md,
+    a config.json and weights that no export of this toolkit wrote."""
+    (folder / ".git" / "refs" / "heads").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / ".git" / "refs" / "heads" / "main").write_text("0" * 40 + "\n")
+    (folder / "README.md").write_text("# resnet18 digits\n\nMy notes: trained on the night of the 3rd.\n")
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 10}))
+    (folder / "model.safetensors").write_bytes(b"not really weights")
+    return folder
+
+
+def test_export_refuses_a_hub_clone_in_one_line_and_leaves_it_intact(trained, tmp_path):
+    from distill.commands.main import main
+
+    clone = _fake_hub_clone(tmp_path / "digits-clone")
+    before = _tree(clone)
+    with pytest.raises(ValueError) as err:
+        export_hf(trained.student_ckpt, clone, wandb_link=False)
+    message = str(err.value)
+    print(message)
+    assert "\n" not in message and str(clone) in message and "not an earlier export" in message
+    assert ".git/" in message and "README.md" in message and "config.json" in message  # what is in it
+    assert _tree(clone) == before  # byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-clone"]  # no temporary or renamed folder left
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", str(trained.student_ckpt), "--format", "hf", "--out", str(clone)]) == 2
+    assert stderr.getvalue().count("\n") == 1 and str(clone) in stderr.getvalue()
+    assert _tree(clone) == before and sorted(p.name for p in tmp_path.iterdir()) == ["digits-clone"]
+    # the same files without .git (a downloaded snapshot): only names an export writes, but not its record
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(clone, snapshot, ignore=shutil.ignore_patterns(".git"))
+    before = _tree(snapshot)
+    with pytest.raises(ValueError, match="has no distill export record"):
+        export_hf(trained.student_ckpt, snapshot, wandb_link=False)
+    assert _tree(snapshot) == before
+
+
+def test_export_replaces_an_earlier_export_but_not_one_holding_a_users_file(trained, tmp_path, monkeypatch):
+    import distill.sharing.hf_export as hf_export
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(trained.student["fused"], earlier)
+    export_hf(trained.student_ckpt, earlier, "dist", wandb_link=False)  # a re-export over an earlier export
+    assert json.loads((earlier / "config.json").read_text())["distill"]["head"] == "dist"
+    assert {p.name for p in earlier.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    (earlier / "notes.txt").write_text("mine")
+    before = _tree(earlier)
+    with pytest.raises(ValueError, match=r"not an earlier export .*notes\.txt"):
+        export_hf(trained.student_ckpt, earlier, "cls", wandb_link=False)
+    assert _tree(earlier) == before
+    # a file that appears while the export is being checked is the user's too: checked again before the move
+    (earlier / "notes.txt").unlink()
+    check = hf_export._check
+
+    def check_while_the_user_writes(folder, ex):
+        (earlier / "notes.txt").write_text("written during the export")
+        return check(folder, ex)
+
+    monkeypatch.setattr(hf_export, "_check", check_while_the_user_writes)
+    with pytest.raises(ValueError, match=r"not an earlier export .*notes\.txt"):
+        export_hf(trained.student_ckpt, earlier, "cls", wandb_link=False)
+    assert (earlier / "notes.txt").read_text() == "written during the export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]  # the temporary folder is gone
 
 
 # ------------------------------------------------------------------------ hf-hub: / local-dir: sources
@@ -272,6 +357,25 @@ def test_a_source_with_a_weights_file_as_well_is_refused(trained):
     assert net.embed_dim == 32 and not hasattr(net, "pretrained_report")
     with pytest.raises(FileNotFoundError, match=r"model: local-dir:/nowhere: '/nowhere' is not a folder"):
         build_teacher("local-dir:/nowhere")
+
+
+def test_a_single_head_export_as_a_student_source_says_so_in_one_line(trained):
+    import warnings
+
+    def heads_warnings(**kwargs) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_student(f"local-dir:{trained.student[head]}", drop_path_rate=0.0, **kwargs)
+        return [str(w.message) for w in caught if "--head fused" in str(w.message)]
+
+    for head in ("cls", "dist"):
+        (message,) = heads_warnings()  # the same 10 classes: the exported heads are kept
+        print(message)
+        assert "\n" not in message and f"--head {head}" in message and str(trained.student[head]) in message
+        assert heads_warnings(num_classes=3) == []  # new heads for another task: nothing doubled is kept
+        assert heads_warnings(pretrained=False) == []  # the architecture alone
+    head = "fused"
+    assert heads_warnings() == []
 
 
 def _fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
@@ -374,8 +478,9 @@ def test_push_creates_the_repo_then_uploads_the_folder_in_one_commit(trained, tm
     shutil.copytree(trained.student["fused"], folder)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     monkeypatch.setattr(sources, "hub_reachable", lambda: (True, ""))
-    url = push(folder, "me/digits-student", private=True)
-    assert url == "https://huggingface.co/me/digits-student"
+    pushed = push(folder, "me/digits-student", private=True)
+    assert pushed.url == "https://huggingface.co/me/digits-student" and pushed.left_out == []
+    assert pushed.uploaded == ["README.md", "config.json", "model.safetensors"]
     (c_name, c_repo, c_kw), (u_name, u_repo, u_kw) = hub_api
     assert (c_name, c_repo, c_kw["private"], c_kw["exist_ok"]) == ("create_repo", "me/digits-student", True, True)
     assert (u_name, u_repo, Path(u_kw["folder_path"])) == ("upload_folder", "me/digits-student", folder)
@@ -391,6 +496,41 @@ def test_push_creates_the_repo_then_uploads_the_folder_in_one_commit(trained, tm
         push(folder, "me/digits-student")
     assert hub_api == [] and no_network  # it tried to connect, and uploaded nothing
     no_network.clear()
+
+
+def test_push_uploads_only_the_files_an_export_writes_and_names_the_others(trained, tmp_path, monkeypatch,
+                                                                          hub_api):
+    import distill.models.sources as sources
+    from huggingface_hub.utils import filter_repo_objects
+
+    from distill.commands.main import main
+    from distill.sharing.hf_export import EXPORT_FILES
+
+    folder = tmp_path / "export"
+    shutil.copytree(trained.student["fused"], folder)
+    (folder / "recipe.yaml").write_text("seed_everything: 0\n")  # an export file too (runs with a config.yaml)
+    (folder / ".git" / "objects").mkdir(parents=True)
+    (folder / ".git" / "config").write_text("[core]\n")
+    (folder / "notes.md").write_text("private notes")
+    (folder / "runs" / "checkpoints").mkdir(parents=True)
+    (folder / "runs" / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint")
+    (folder / "README.md.bak").write_text("an old card")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(sources, "hub_reachable", lambda: (True, ""))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["push", str(folder), "--repo", "me/digits-student"]) == 0
+    (_, _, upload), = [c for c in hub_api if c[0] == "upload_folder"]
+    # what upload_folder sends: huggingface_hub's own filter over every file under the folder
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    sent = set(filter_repo_objects(files, allow_patterns=upload.get("allow_patterns"),
+                                   ignore_patterns=upload.get("ignore_patterns")))
+    assert sent == {"config.json", "model.safetensors", "README.md", "recipe.yaml"}
+    assert sent <= set(EXPORT_FILES)
+    (line,) = [l for l in stdout.getvalue().splitlines() if "left out" in l]
+    print(line)
+    assert all(name in line for name in (".git/", "notes.md", "runs/", "README.md.bak"))
+    assert not any(name in line for name in ("config.json,", "model.safetensors", "recipe.yaml"))
 
 
 # ------------------------------------------------------------------------------------------- W&B
@@ -428,6 +568,8 @@ def test_wandb_log_model_and_export_artifacts_in_the_offline_run_folder(tmp_path
     assert staged.read_bytes() == best.read_bytes()
     (export,) = artifacts(continued)  # the export, logged to the same run id
     assert export.name == f"hf-model-{run_id}" and export.run_id == run_id and export.type == "model"
+    metadata = json.loads(export.metadata)  # config.json's record: where its metrics were measured too
+    assert metadata["metrics_at"] == {"epoch": 0, "global_step": 2} and metadata["global_step"] == 2
     assert {e.path for e in export.manifest.contents} == {"config.json", "model.safetensors", "README.md", "recipe.yaml"}
     assert f"W&B run**: `{run_id}`" in (tmp_path / "export" / "README.md").read_text()
     assert json.loads((tmp_path / "export" / "config.json").read_text())["distill"]["run"]["wandb_id"] == run_id

@@ -14,7 +14,7 @@ from timm.models.deit import VisionTransformerDistilled
 
 from . import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 from .meta import set_model_meta
-from .sources import is_source
+from .sources import is_source, name_field_of
 from .weights import STUDENT_KIND, load_weights_file, split_checkpoint
 
 
@@ -43,7 +43,7 @@ def _pretrained_weights(pretrained: Any, name: str, field: str):
 def _open_source(name: str, pretrained: Any, pretrained_field: str, leaf: str):
     """(config, weights) of an `hf-hub:`/`local-dir:` model name (`distill.models.sources`); the weights
     are None for `pretrained: false`."""
-    from .sources import name_field_of, open_source, source_pretrained
+    from .sources import open_source, source_pretrained
 
     name_field = name_field_of(pretrained_field, leaf)
     src = open_source(name, name_field)
@@ -228,6 +228,11 @@ def build_student(
         if class_names is None and num_classes == src.num_classes:
             class_names = src.class_names
         img_size, in_chans = img_size or src.img_size, in_chans or src.in_chans
+        single_head = src.single_head_warning(num_classes, class_names, name_field_of(pretrained_field, "name"))
+        if single_head and pretrained is not None:  # warned, not refused: a Hub model may exist only this way
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(single_head)
     num_classes, img_size, in_chans = num_classes or 1000, img_size or 224, in_chans or 3
     if distilled and "distilled" not in name:
         raise ValueError(

@@ -9,7 +9,9 @@ Wherever the toolkit takes a model name (`TeacherModule.model`, `StudentConfig.n
 and arguments of config.json, its weights as the pretrained weights (adapted to the task by timm's
 loader, as any `pretrained` file is) and its class names, mean/std and input size as the task's
 defaults. `pretrained: false` takes the architecture alone (random init, as timm's
-`pretrained=False`); a weights file in `pretrained` besides such a name is refused.
+`pretrained=False`); a weights file in `pretrained` besides such a name is refused. A student exported
+with `--head cls|dist` (one head doubled, the other zeroed) whose heads a student would keep is
+warned about in one line (`SourceModel.single_head_warning`): `--head fused` is the export to train from.
 
 Offline-safe: a Hub repository is read from the local Hugging Face cache when it is there, with no
 connection at all. Otherwise it is downloaded, unless HF_HUB_OFFLINE is set or the Hub cannot be
@@ -70,6 +72,20 @@ class SourceModel:
             model_kwargs=dict(self.arch_args), class_names=self.class_names, img_size=self.img_size,
             mean=self.mean, std=self.std,
         )
+
+    def single_head_warning(self, num_classes: int, class_names, field_name: str) -> str | None:
+        """One line when this is a student exported with `--head cls|dist` and its heads are kept (same
+        classes): such an export has the kept head doubled and the other zeroed (`single_head_state_dict`),
+        which is right for inference and a poor start for training. New heads (another task) make it moot."""
+        head = self.distill.get("head")
+        if self.distill.get("kind") != "student" or head not in ("cls", "dist") or num_classes != self.num_classes:
+            return None
+        if class_names is not None and self.class_names is not None and list(class_names) != list(self.class_names):
+            return None
+        kept, zeroed = ("head", "head_dist") if head == "cls" else ("head_dist", "head")
+        return (f"{field_name}: {self.name} is a `distill export --head {head}` ({kept} doubled, {zeroed} zeroed, so "
+                f"it returns that head alone); the student starts from those heads: export the checkpoint with "
+                f"`--head fused` to start from both heads as trained")
 
     def input_config(self, in_chans: int) -> dict[str, Any] | None:
         """mean, std (per channel of the data) and img_size the weights were trained with."""

@@ -5,10 +5,12 @@ folder timm shares models in, written by timm's own `timm.models.save_for_hf`:
   pretrained_cfg holding the evaluation transform the checkpoint recorded (input_size, mean, std,
   crop_pct, interpolation; crop_mode `squash` for the stretching resize of checkpoints written before
   crop_pct was recorded), plus a `distill` record timm ignores (kind, head, checkpoint sha256,
-  teacher lineage, metrics, W&B run id);
+  teacher lineage, validation metrics and the epoch/step they were measured at, W&B run id);
 - `model.safetensors`;
 - `README.md`: the model card (`distill.sharing.model_card`);
-- `recipe.yaml`: the resolved recipe of the run, when its run folder has one (`config.yaml`).
+- `recipe.yaml`: the resolved recipe of the run, when its run folder has one (`config.yaml`), its
+  absolute paths made relative or dropped (`distill.sharing.portable`): nothing published names the
+  training machine's folders (the card's command line neither).
 
 So `timm.create_model("local-dir:DIR", pretrained=True)` (or `"hf-hub:ORG/NAME"` once pushed) returns
 the checkpoint's logits, and `timm.data.resolve_data_config` + `create_transform` give the toolkit's
@@ -32,6 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+# Every file an export writes, and the only names `_check_out` replaces and `distill push` uploads.
+# The first two are timm's save_for_hf's (checked after each save); the other two are written below.
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, RECIPE_FILE = "config.json", "model.safetensors", "README.md", "recipe.yaml"
+EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, RECIPE_FILE)
 CHECK_INPUTS = 8  # random inputs the reloaded model is compared on
 MAX_LOGIT_DIFF = 1e-5
 # What timm's registry cfg says about *its* weights (a tag, a URL, a paper, a licence); not true of these.
@@ -111,7 +117,7 @@ def _data_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _teacher_lineage(identity: dict[str, Any]) -> dict[str, Any]:
     """The teacher's identity without local paths (what the card and config.json may publish)."""
-    keep = ("architecture", "sha256", "val_acc", "run_id", "num_classes")
+    keep = ("architecture", "sha256", "val_acc", "val_acc_at", "weights_at", "run_id", "num_classes")
     if identity.get("members"):
         return dict(members=[{k: m.get(k) for k in keep} for m in identity["members"]],
                     combine=identity.get("combine"), architecture=identity.get("architecture"))
@@ -140,6 +146,8 @@ def _dataset_name(recipe: dict[str, Any]) -> str | None:
 
 
 def _recipe_summary(ex: _Exportable, run: dict[str, Any]) -> dict[str, Any]:
+    from .portable import portable_command
+
     hp, out = ex.hp, {}
     if ex.kind == "student":
         loss = dict(hp.get("loss") or {})
@@ -152,6 +160,8 @@ def _recipe_summary(ex: _Exportable, run: dict[str, Any]) -> dict[str, Any]:
     for key, label in (("ema_decay", "EMA decay"), ("layer_decay", "layer decay"), ("pretrained_from", "started from")):
         if hp.get(key):
             out[label] = hp[key]
+    if out.get("started from"):  # a weights file or local-dir: folder of the training machine
+        out["started from"] = portable_command(str(out["started from"]), run.get("run_dir"))
     if hp.get("feature_guidance"):
         out["feature guidance"] = "on"
     return {k: v for k, v in out.items() if v not in (None, "")}
@@ -181,14 +191,50 @@ def _check(folder: Path, ex: _Exportable) -> tuple[float, float | None, Any]:
     return diff, tdiff, reloaded
 
 
+def listing(folder: Path, names: list[str] | None = None, most: int = 8) -> str:
+    """`a, b/, c and 3 more` (a trailing / marks a folder): what a one-line message says a folder holds."""
+    names = sorted(p.name for p in folder.iterdir()) if names is None else names
+    shown = [f"{n}/" if (folder / n).is_dir() else n for n in names[:most]]
+    return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def is_toolkit_export(folder: Path) -> bool:
+    """True when `folder/config.json` carries the record an export of this toolkit writes."""
+    import json
+
+    try:
+        record = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("distill")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(record, dict) and str(record.get("toolkit", "")).startswith("distill ")
+
+
 def _check_out(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
-        raise ValueError(f"--out {str(out)!r} exists and is not an earlier export (no config.json); choose another "
-                         f"folder or remove it")
+    """`out` may be new, an empty folder, or an earlier export of this toolkit holding nothing else:
+    only those are replaced. Anything else may be the user's (a clone of a Hub repository with its
+    .git and notes, a folder of timm's save_for_hf): refused, untouched."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not an earlier export; choose a new or empty folder")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    others = [n for n in names if n not in EXPORT_FILES or not (out / n).is_file()]
+    if is_toolkit_export(out):
+        if not others:
+            return
+        raise ValueError(f"--out {str(out)!r} is not an earlier export of distill alone (it holds "
+                         f"{listing(out, others)} besides the export's files); nothing there was changed: choose a new "
+                         f"or empty folder, or move those out")
+    why = f"its {CONFIG_FILE} has no distill export record" if (out / CONFIG_FILE).is_file() else f"no {CONFIG_FILE}"
+    raise ValueError(f"--out {str(out)!r} is not an earlier export of distill ({why}; it holds {listing(out, names)}); "
+                     f"nothing there was changed: choose a new or empty folder")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():  # an earlier export (checked by _check_out): replaced whole
+    _check_out(out)  # again: the folder may have changed while the export was being checked
+    if out.exists():  # empty, or an earlier export and nothing else (checked by _check_out): replaced whole
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         tmp.rename(out)
@@ -219,6 +265,7 @@ def export_hf(
     from ..models.meta import model_meta
     from ..models.weights import sha256_of
     from .model_card import card_text
+    from .portable import portable_command, portable_recipe_text
 
     out = Path(out)
     _check_out(out)
@@ -230,7 +277,8 @@ def export_hf(
     teacher = _teacher_lineage(dict(ex.obj.get("distill_teacher") or {}))
     record = dict(kind=ex.kind, head=ex.head, toolkit=f"distill {__version__}",
                   checkpoint=dict(file=Path(checkpoint).name, sha256=sha256_of(checkpoint)),
-                  metrics=dict(run.get("metrics") or {}), epoch=run.get("epoch"), global_step=run.get("global_step"),
+                  metrics=dict(run.get("metrics") or {}), metrics_at=run.get("metrics_at"), epoch=run.get("epoch"),
+                  global_step=run.get("global_step"),
                   run=dict(wandb_id=run.get("wandb_id"), wandb_project=wandb_opts.get("project") if run.get("wandb_id") else None),
                   teacher=teacher or None, data_split=ex.hp.get("data_split"))
     record = {k: v for k, v in record.items() if v is not None}
@@ -243,28 +291,35 @@ def export_hf(
     try:
         save_for_hf(model, str(tmp), model_config=dict(label_names=meta["class_names"], distill=record),
                     safe_serialization=True, data_config=_data_config(ex.spec))
+        saved = sorted(p.name for p in tmp.iterdir())
+        if saved != sorted((CONFIG_FILE, WEIGHTS_FILE)):  # EXPORT_FILES must stay what an export writes
+            raise RuntimeError(f"timm's save_for_hf wrote {', '.join(saved)}, not {CONFIG_FILE} and {WEIGHTS_FILE}: "
+                               f"this timm is not one distill's export knows; nothing was written to {out}")
         diff, tdiff, _ = _check(tmp, ex)
         if diff > MAX_LOGIT_DIFF or (tdiff is not None and tdiff > 1e-6):
             raise RuntimeError(f"export check failed: timm.create_model('local-dir:...') differs from the checkpoint "
                                f"(max |logit diff| {diff:.3g}, transform diff {tdiff}); nothing was written to {out}")
         if recipe_path is not None:
-            shutil.copyfile(recipe_path, tmp / "recipe.yaml")
+            text = portable_recipe_text(recipe_path.read_text(encoding="utf-8"), run.get("run_dir"))
+            (tmp / RECIPE_FILE).write_text(text, encoding="utf-8")
         facts = dict(
             title=out.resolve().name, kind=ex.kind, head=ex.head, arch=meta["name"],
             distilled=hasattr(model, "head_dist"), model_args=_arch_args(tmp), params=sum(p.numel() for p in model.parameters()),
             num_classes=meta["num_classes"], class_names=meta["class_names"], in_chans=meta["in_chans"],
             img_size=meta["img_size"], spec=ex.spec, teacher=teacher, metrics=record.get("metrics"),
-            epoch=run.get("epoch"), global_step=run.get("global_step"), checkpoint=record["checkpoint"],
+            metrics_at=run.get("metrics_at"), epoch=run.get("epoch"), global_step=run.get("global_step"),
+            checkpoint=record["checkpoint"],
             wandb=dict(run_id=run.get("wandb_id"), project=wandb_opts.get("project"), entity=wandb_opts.get("entity")),
             data=dict(dataset=dataset or _dataset_name(recipe)), recipe=_recipe_summary(ex, run),
-            recipe_file="recipe.yaml" if recipe_path is not None else None, license=license,
+            recipe_file=RECIPE_FILE if recipe_path is not None else None, license=license,
             datasets=[dataset or _dataset_name(recipe)] if (dataset or _dataset_name(recipe)) else None,
             repo_id=repo_id, max_diff=diff, check_inputs=CHECK_INPUTS,
             needs_import="distill.cifar_resnet" if str(meta["name"]).startswith("cifar_resnet") else None,
-            command=command or shlex.join(["distill", "export", str(checkpoint), "--format", "hf",
-                                           *(["--head", ex.head] if ex.head else []), "--out", str(out)]),
+            command=portable_command(command or shlex.join(
+                ["distill", "export", str(checkpoint), "--format", "hf", *(["--head", ex.head] if ex.head else []),
+                 "--out", str(out)]), run.get("run_dir")),
         )
-        (tmp / "README.md").write_text(card_text(facts), encoding="utf-8")
+        (tmp / CARD_FILE).write_text(card_text(facts), encoding="utf-8")
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -281,5 +336,5 @@ def _arch_args(folder: Path) -> dict[str, Any]:
     """The model_args save_for_hf recorded, without the task ones the card states apart."""
     import json
 
-    args = dict(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_args") or {})
+    args = dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("model_args") or {})
     return {k: v for k, v in args.items() if k not in ("num_classes", "in_chans", "img_size")}

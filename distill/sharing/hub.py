@@ -7,17 +7,47 @@ architecture, model.safetensors, README.md), the repository id, a token (HF_TOKE
 login`), HF_HUB_OFFLINE, and that the Hub answers a connection. Each failure is one line and exit
 code 2. The upload is a single commit, so its files land together or not at all. The card's load
 line names the repository (`hf-hub:ORG/NAME` is replaced by the real id, in the folder's README.md).
+
+Only the files an export writes (`distill.sharing.hf_export.EXPORT_FILES`) are uploaded: a folder
+may also hold a .git, notes or checkpoints that are not meant for the Hub. The others are named in
+one line (`Pushed.left_out`), not sent.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 # Nothing heavy at import: `distill push --help` loads neither torch nor huggingface_hub.
 
 REQUIRED = ("config.json", "model.safetensors", "README.md")
+
+
+@dataclass
+class Pushed:
+    """What `push` did: the repository's URL, the files uploaded, the folder's other entries left out."""
+
+    url: str
+    uploaded: list[str]
+    left_out: list[str]
+
+    def left_out_line(self) -> str | None:
+        if not self.left_out:
+            return None
+        return (f"push: left out {', '.join(self.left_out)} (not written by `distill export`; only its files are "
+                f"uploaded)")
+
+
+def upload_plan(folder: Path) -> tuple[list[str], list[str]]:
+    """(the export's files in `folder`, to upload; every other entry, a folder marked with a trailing /)."""
+    from .hf_export import EXPORT_FILES
+
+    names = sorted(p.name for p in folder.iterdir())
+    uploaded = [n for n in names if n in EXPORT_FILES and (folder / n).is_file()]
+    left_out = [f"{n}/" if (folder / n).is_dir() else n for n in names if n not in uploaded]
+    return uploaded, left_out
 
 
 def check_folder(folder: str | os.PathLike) -> Path:
@@ -52,8 +82,8 @@ def _name_repo_in_card(folder: Path, repo_id: str) -> None:
 
 
 def push(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
-         commit_message: str = "Add model (distill export --format hf)") -> str:
-    """Uploads `folder` to the Hub model repository `repo_id` (created if needed); returns its URL."""
+         commit_message: str = "Add model (distill export --format hf)") -> Pushed:
+    """Uploads the export files of `folder` to the Hub model repository `repo_id` (created if needed)."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -81,10 +111,13 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, token: 
                               f"again where there is network")
     api = HfApi(token=token, library_name="distill")
     _name_repo_in_card(path, repo_id)
+    uploaded, left_out = upload_plan(path)
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        # exact names: huggingface_hub matches patterns against paths relative to the folder, so nothing
+        # in a subfolder and no other top-level file matches
         api.upload_folder(repo_id=repo.repo_id, folder_path=str(path), repo_type="model", commit_message=commit_message,
-                          ignore_patterns=[".*", "*.tmp"])
+                          allow_patterns=uploaded)
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -100,7 +133,7 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, token: 
             raise ConnectionError(f"push: the upload to {repo_id} failed ({type(e).__name__}: {e}); a Hub commit is "
                                   f"all or nothing, push again") from None
         raise
-    return str(repo)
+    return Pushed(str(repo), uploaded, left_out)
 
 
 def main(argv: list[str]) -> int:
@@ -111,7 +144,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repo", required=True, help="Hub repository id, ORG/NAME (created if it does not exist)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     args = parser.parse_args(argv)
-    url = push(args.folder, args.repo, private=args.private)
-    print(f"pushed {args.folder} to {url}")
+    pushed = push(args.folder, args.repo, private=args.private)
+    print(f"pushed {', '.join(pushed.uploaded)} of {args.folder} to {pushed.url}")
+    if pushed.left_out_line():
+        print(pushed.left_out_line())
     print(f'load: timm.create_model("hf-hub:{args.repo}", pretrained=True)')
     return 0

@@ -97,15 +97,34 @@ def _usage(facts: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _at(position: dict[str, Any]) -> str:
+    return f"epoch {position.get('epoch')}, step {position.get('global_step')}"
+
+
+def measured_text(measured: dict[str, Any] | None, weights: dict[str, Any] | None, what: str) -> str:
+    """Where numbers about `what` (this checkpoint, the teacher file) were measured, and whether they are
+    of its weights: the same global step is the same weights; a checkpoint written after its run's last
+    validation (a step checkpoint, a max_steps stop, trainer.save_checkpoint) carries older numbers."""
+    if measured and weights and measured.get("global_step") == weights.get("global_step"):
+        return f"of {what}'s weights, measured at {_at(measured)}"
+    if measured:
+        written = f" at {_at(weights)}" if weights else ""
+        return (f"measured at {_at(measured)}, before {what} was written{written}: numbers of earlier weights, "
+                f"{what}'s own were not validated")
+    written = f" ({_at(weights)})" if weights else ""
+    return (f"from the last validation before {what}{written} was written; an older distill did not record where, "
+            f"so they may be of earlier weights")
+
+
 def _results(facts: dict[str, Any]) -> str:
     metrics = facts.get("metrics") or {}
     rows = STUDENT_ROWS if facts["kind"] == "student" else TEACHER_ROWS
     table = [(label, metrics[key]) for label, key in rows if metrics.get(key) is not None]
     if not table:
         return "The checkpoint records no validation metrics.\n"
-    where = f"epoch {facts.get('epoch')}, step {facts.get('global_step')}"
-    out = [f"Validation accuracy recorded in the checkpoint ({where}, the run's held-out split):", "",
-           "| | top-1 |", "| --- | --- |"]
+    weights = dict(epoch=facts.get("epoch"), global_step=facts.get("global_step"))
+    where = measured_text(facts.get("metrics_at"), weights, "this checkpoint")
+    out = [f"Validation accuracy on the run's held-out split ({where}):", "", "| | top-1 |", "| --- | --- |"]
     out += [f"| {label} | {_pct(value)} |" for label, value in table]
     return "\n".join(out) + "\n"
 
@@ -117,8 +136,11 @@ def _lineage(facts: dict[str, Any]) -> str:
     for i, member in enumerate(members):
         which = "Teacher" if len(members) == 1 else f"Teacher {i}"
         run = f", W&B run `{member['run_id']}`" if member.get("run_id") else ""
+        acc = _pct(member.get("val_acc"))
+        if member.get("val_acc") is not None:
+            acc += f" ({measured_text(member.get('val_acc_at'), member.get('weights_at'), 'the teacher file')})"
         out.append(f"- **{which}**: `{member.get('architecture')}`, file sha256 `{member.get('sha256')}`, "
-                   f"validation accuracy {_pct(member.get('val_acc'))}{run}")
+                   f"validation accuracy {acc}{run}")
     if len(members) > 1:
         out.append(f"- **Teachers combined** by {teacher.get('combine', 'mean_logits')}")
     ckpt = facts["checkpoint"]
@@ -137,8 +159,8 @@ def _lineage(facts: dict[str, Any]) -> str:
         out.append("- **Recipe**: " + "; ".join(f"{k} {v}" for k, v in recipe.items()))
     if facts.get("recipe_file"):
         out.append(f"- **Resolved recipe**: `{facts['recipe_file']}` in this folder (`distill fit --config "
-                   f"{facts['recipe_file']}` trains it again; its data and teacher paths are those of the "
-                   f"machine that trained it)")
+                   f"{facts['recipe_file']}` trains it again; its paths are relative to the toolkit's checkout "
+                   f"or the run's folder, and those elsewhere on the training machine were dropped, listed at its top)")
     return "\n".join(out) + "\n"
 
 

@@ -19,6 +19,7 @@ from ..models.build import build_teacher
 from ..models.meta import model_meta
 from ..models.sources import is_source
 from ..models.weights import STUDENT_KIND, load_weights_file, sha256_of
+from ..training.lineage import teacher_accuracy
 
 
 # PIL's `convert("L")` (ITU-R 601-2 luma), what a grayscale teacher was trained on from colour files
@@ -176,7 +177,7 @@ class FrozenTeacher(TeacherOutputs, nn.Module):
         network = build_teacher(arch or hp["model"], checkpoint=obj)
         run = obj.get("distill_run") or {}
         identity = dict(path=str(path), sha256=digest, run_id=run.get("wandb_id"), run_dir=run.get("run_dir"),
-                        val_acc=(run.get("metrics") or {}).get("val/acc"), split=hp.get("data_split"))
+                        **teacher_accuracy(run), split=hp.get("data_split"))
         return cls(network, identity)
 
     @classmethod
@@ -201,7 +202,7 @@ class FrozenTeacher(TeacherOutputs, nn.Module):
         record = src.distill
         identity = dict(path=name, sha256=digest, run_id=(record.get("run") or {}).get("wandb_id"),
                         run_dir=(record.get("run") or {}).get("run_dir"),
-                        val_acc=(record.get("metrics") or {}).get("val/acc"), split=record.get("data_split"))
+                        **teacher_accuracy(record), split=record.get("data_split"))
         return cls(network, identity)
 
     # ------------------------------------------------------------------------------ the task

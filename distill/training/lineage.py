@@ -21,12 +21,35 @@ def wandb_run_id(trainer: L.Trainer | None) -> str | None:
 
 def run_record(trainer: L.Trainer | None) -> dict[str, Any]:
     """Stored in every checkpoint as `checkpoint["distill_run"]` (plain types only: it must load with
-    `weights_only=True`)."""
+    `weights_only=True`).
+
+    `metrics` are those of the run's last validation, which need not be of this checkpoint's weights:
+    a step checkpoint, a `max_steps` stop or `trainer.save_checkpoint` after epochs left unvalidated
+    come later. `metrics_at` says where they were measured ({epoch, global_step}, as
+    `EvaluationSteps.validated_at` stamped it); the same global_step as the checkpoint's means the same
+    weights. Recording is all a save does: validating there would run a loop inside the training loop
+    at every step checkpoint and change nothing the user asked for."""
     if trainer is None:
         return {}
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+    at = getattr(trainer.lightning_module, "validated_at", None) if metrics else None
     return dict(wandb_id=wandb_run_id(trainer), run_dir=str(trainer.log_dir or trainer.default_root_dir),
-                epoch=int(trainer.current_epoch), global_step=int(trainer.global_step), metrics=metrics)
+                epoch=int(trainer.current_epoch), global_step=int(trainer.global_step), metrics=metrics,
+                metrics_at=dict(at) if at else None)
+
+
+def checkpoint_at(record: dict[str, Any]) -> dict[str, int] | None:
+    """{epoch, global_step} of the checkpoint a `run_record` (or an export's record) describes."""
+    if record.get("global_step") is None:
+        return None
+    return dict(epoch=record.get("epoch"), global_step=record.get("global_step"))
+
+
+def teacher_accuracy(record: dict[str, Any]) -> dict[str, Any]:
+    """A teacher's val/acc as a student's lineage keeps it: the value, where it was measured
+    (`val_acc_at`, None when not recorded) and where the teacher's weights are (`weights_at`)."""
+    return dict(val_acc=(record.get("metrics") or {}).get("val/acc"), val_acc_at=record.get("metrics_at"),
+                weights_at=checkpoint_at(record))
 
 
 def finish_wandb() -> None:

@@ -26,6 +26,12 @@ class EvaluationSteps:
         for name, m in metrics.items():
             self.log(f"{prefix}/{name}", m, prog_bar=name in self.prog_bar_metrics)
 
+    def on_validation_epoch_end(self) -> None:
+        # Where these val/ metrics are measured: a checkpoint written later (a step checkpoint, the end
+        # of a max_steps run) still carries them, and `lineage.run_record` says they are older.
+        if not self.trainer.sanity_checking:
+            self.validated_at = dict(epoch=int(self.trainer.current_epoch), global_step=int(self.trainer.global_step))
+
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
         self._log_metrics("val", self.val_metrics)
