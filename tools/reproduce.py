@@ -16,6 +16,7 @@ Trains the teacher once, then the same student under each variant over N seeds:
                 blocks and teacher layers come from the recipe folder's `guidance.yaml`
     lg_dkd      lg with DKD instead of hard distillation on the distillation head
     token_soft  DeiT's distillation token with the soft term (KL at tau 1, alpha 0.5), per head
+    cls_soft    token_soft's soft term (KL at tau 1, alpha 0.5) on the class token, no distillation token
     fm          function matching (Beyer et al., CVPR 2022: "a good teacher is patient and consistent"):
                 no token, KL at tau 1 to the live teacher on the very mixed image the student sees
                 (mixup 0.8 / cutmix 1.0 on top of the recipe's crops, teacher cache off), no
@@ -83,6 +84,7 @@ VARIANTS = {
     "lg_dkd": [*TOKEN, LOSS + "mode", "dkd", LOSS + "tau", "4.0", LOSS + "alpha", "0.5", LOSS + "dkd_alpha", "1.0",
                LOSS + "dkd_beta", "8.0"],
     "token_soft": [*TOKEN, LOSS + "mode", "soft", LOSS + "tau", "1.0", LOSS + "alpha", "0.5"],
+    "cls_soft": [*NO_TOKEN, LOSS + "mode", "soft", LOSS + "tau", "1.0", LOSS + "alpha", "0.5"],
     "fm": [*NO_TOKEN, LOSS + "mode", "soft", LOSS + "tau", "1.0", LOSS + "alpha", "1.0", *MIXED, NO_CACHE],
     "none_mix": [*NO_TOKEN, LOSS + "mode", "none", *MIXED],
 }
@@ -101,13 +103,14 @@ ROWS = [
     ("token + KL on standardised logits, fused", "ls", "val/acc"),
     ("token + feature guidance (hard), fused", "lg", "val/acc"),
     ("token + feature guidance + DKD, fused", "lg_dkd", "val/acc"),
+    ("soft distillation (tau 1, alpha 0.5), no token", "cls_soft", "val/acc"),
     ("distillation token, soft (tau 1): class head", "token_soft", "val/acc_cls"),
     ("distillation token, soft (tau 1): distillation head", "token_soft", "val/acc_dist"),
     ("distillation token, soft (tau 1): both heads fused", "token_soft", "val/acc"),
     ("no distillation, mixup/cutmix", "none_mix", "val/acc"),
     ("function matching (KL at tau 1 only, mixup/cutmix, live teacher), no token", "fm", "val/acc"),
 ]
-SHORT = {"none_mix": "none\n+mixup", "fm": "function\nmatching", "none": "no\ndistillation", "soft": "soft (tau 3)\nno token", "hard": "hard\nno token", "dkd": "token\n+DKD",
+SHORT = {"cls_soft": "soft (tau 1)\nno token", "none_mix": "none\n+mixup", "fm": "function\nmatching", "none": "no\ndistillation", "soft": "soft (tau 3)\nno token", "hard": "hard\nno token", "dkd": "token\n+DKD",
          "dist": "token\n+DIST", "ls": "token\n+LS", "lg": "token\n+guidance", "lg_dkd": "token+guid.\n+DKD"}
 
 
@@ -485,7 +488,7 @@ def write_markdown(results: dict, path: Path) -> None:
 
 def write_plot(results: dict, path: Path) -> None:
     palette = {"none": "#999999", "soft": "#6baed6", "hard": "#3182bd", "token": "#fd8d3c", "dkd": "#74c476",
-               "dist": "#31a354", "ls": "#9e9ac8", "lg": "#e6550d", "lg_dkd": "#a63603", "token_soft": "#fdae6b", "fm": "#756bb1",
+               "dist": "#31a354", "ls": "#9e9ac8", "lg": "#e6550d", "lg_dkd": "#a63603", "token_soft": "#fdae6b", "cls_soft": "#9ecae1", "fm": "#756bb1",
                "none_mix": "#636363"}
     rows = results["table"]
     labels = [("token:\n" if r["variant"] == "token" else "soft token:\n") + r["row"].split(": ")[1]
