@@ -371,3 +371,22 @@ def test_a_bfloat16_teacher_builds_and_verifies_its_cache(trainer_factory, tmp_p
     trainer_factory(max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(module, dm)
     assert TeacherCache(tmp_path / "cache").manifest["precision"] == "32-true, teacher bfloat16"
     assert module.teacher.cache.to_verify == 0 and module.teacher.cache.precision == "32-true, teacher bfloat16"
+
+
+def test_a_cache_of_another_precision_is_refused_naming_both(trainer_factory, tmp_path):
+    """A cache built by a bfloat16 teacher must not serve a float32 run (its logits differ by the rounding
+    of a 16-bit pass, enough to flip near-ties): refused in one line naming both precisions, not blamed on
+    the teacher, data or transforms; the run's own precision reads it."""
+    def fit(teacher_dtype):
+        dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True, view_epochs=1)
+        module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                               teacher_dtype=teacher_dtype, teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache")))
+        trainer_factory(max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, dm)
+        return module
+
+    fit("bfloat16")
+    with pytest.raises(ValueError, match=r"computed in 32-true, teacher bfloat16 and this run computes them in "
+                                         r"32-true; .*model.teacher_cache.dir") as e:
+        fit("float32")
+    assert "\n" not in str(e.value) and "teacher, data or transforms" not in str(e.value)
+    assert fit("bfloat16").teacher.cache is not None

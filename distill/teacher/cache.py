@@ -29,7 +29,7 @@ k = 10 the rebuilt KL was 0.77 instead of 1.85. So `topk: auto` (the default) st
 those losses and the top 10 for hard distillation, and a top-k cache is refused for them.
 
 Before the cache is used, `TeacherCache.check_compatible` refuses it with a one-line ValueError when
-the teacher, the data or the transforms differ from the manifest, and the first `verify_batches`
+the teacher, the data, the transforms or the precision of the teacher's pass differ from the manifest, and the first `verify_batches`
 training batches are compared with the live teacher (tolerance from the storage dtype and the
 precision of both passes).
 """
@@ -206,8 +206,9 @@ class TeacherCache:
 
     # ------------------------------------------------------------------ validation
     def check_compatible(self, expected: dict[str, Any]) -> None:
-        """Refuses (ValueError, one line) a cache built for another teacher, data or transform, or one
-        that stores less of the teacher's output than the loss reads. `expected` holds the manifest
+        """Refuses (ValueError, one line) a cache built for another teacher, data or transform, one whose
+        logits were computed in another precision (a 16-bit pass differs from a 32-bit one by more than the
+        storage's rounding: near-ties flip), or one that stores less of the teacher's output than the loss reads. `expected` holds the manifest
         fields of the live set-up that are known (absent ones are skipped).
 
         `topk` is what the loss needs: None (every logit: soft, DKD, DIST, standardised KL) is served
@@ -219,6 +220,12 @@ class TeacherCache:
                 f"teacher cache {str(self.dir)!r} holds only the top {m['topk']} of {m.get('num_classes')} logits (built "
                 f"for hard distillation), and this loss reads the whole distribution; point model.teacher_cache.dir "
                 f"elsewhere (e.g. {{teacher_dir}}/cache-full) or delete the directory to rebuild it with every logit")
+        if "precision" in expected and expected["precision"] is not None and m.get("precision") != expected["precision"]:
+            raise ValueError(
+                f"teacher cache {str(self.dir)!r} holds logits computed in {m.get('precision') or 'an unrecorded precision'} "
+                f"and this run computes them in {expected['precision']}; point model.teacher_cache.dir elsewhere (e.g. "
+                f"{{teacher_dir}}/cache-{_slug(expected['precision'])}) or delete the directory to rebuild it, or run "
+                f"with the cache's precision (trainer.precision, model.teacher_dtype)")
         groups = [
             ("teacher", ("teacher",)),
             ("data", ("data",)),
@@ -306,6 +313,11 @@ class TeacherCache:
                 f"teacher cache {str(self.dir)!r} disagrees with the live teacher on this run's images "
                 f"({bad:.1%} of stored logits off by more than {atol:.3g} + {rtol:g}*|z|, max {worst:.3g}, "
                 f"top-1 agreement {top1:.1%}): the teacher, data or transforms changed; delete it to rebuild")
+
+
+def _slug(text: str) -> str:
+    """A folder-name version of a precision (`32-true, teacher bfloat16` -> `32-true-teacher-bfloat16`)."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
 
 
 def _short(v: Any) -> str:
@@ -435,8 +447,13 @@ def compute_precision(teacher, trainer=None) -> str | None:
     if trainer is None:
         return None
     first = teacher.members[0] if hasattr(teacher, "members") else teacher
-    cast = getattr(first, "_cast", None)
-    return f"{trainer.precision}, teacher {str(cast).replace('torch.', '')}" if cast is not None else str(trainer.precision)
+    return precision_name(trainer.precision, getattr(first, "_cast", None))
+
+
+def precision_name(trainer_precision: str, cast: torch.dtype | None) -> str:
+    """How the manifest names a precision: the trainer's (`32-true`, `bf16-mixed`), plus the teacher's
+    dtype when it is kept in another one (`32-true, teacher bfloat16`)."""
+    return f"{trainer_precision}, teacher {str(cast).replace('torch.', '')}" if cast is not None else str(trainer_precision)
 
 
 def cache_manifest(teacher, cfg: TeacherCacheConfig, trainer=None, dm=None) -> dict[str, Any]:
@@ -510,7 +527,7 @@ def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device |
         if not has_cache(directory):
             raise ValueError("model.teacher_cache: building a cache needs an ImageDataModule with keyed_views: true")
         cache = TeacherCache(directory)
-        cache.check_compatible({k: expected.get(k) for k in ("teacher", "topk", "dtype")})
+        cache.check_compatible({k: expected.get(k) for k in ("teacher", "precision", "topk", "dtype")})
         return cache
     if getattr(dm, "mixup_fn", None) is not None:
         raise ValueError("model.teacher_cache cannot be used with data.mixup/cutmix: the teacher's output on a mixed "
@@ -538,7 +555,8 @@ def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device |
                                    world_size=world)
                 trainer.strategy.barrier("teacher_cache_manifest")
     cache = TeacherCache(directory)
-    cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "topk", "dtype")})
+    cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "precision", "topk",
+                                                         "dtype")})
     if view_epochs is None and cache.views < (trainer.max_epochs or 1):
         raise ValueError(f"teacher cache {str(directory)!r} holds {cache.views} view(s) per sample but training runs "
                          f"{trainer.max_epochs} epochs with a new view each; set data.view_epochs: {cache.views}")
