@@ -11,7 +11,7 @@ from distill import DistillationLoss, DistillModule, ImageDataModule, build_teac
 from distill.data.keyed_views import KeyedViews
 from distill.losses import soft_distillation
 from distill.teacher.cache import (
-    TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
+    TeacherCache, TeacherCacheConfig, build_cache, cache_dir, reconstruct_logits, teacher_fields, weights_sha256,
     write_manifest,
 )
 from helpers.probes import LossInputs
@@ -276,6 +276,25 @@ def test_cache_next_to_its_teacher_and_shared_by_hard_and_soft_when_k_covers_eve
         trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
         assert module.teacher.cache is not None
     assert TeacherCache(run / "cache").manifest["topk"] is None
+
+
+def test_teacher_dir_of_a_hub_or_local_dir_teacher_is_a_folder_of_its_own(tmp_path, monkeypatch):
+    """`{teacher_dir}` of `local-dir:PATH` is PATH (the folder holding the teacher, as a run folder holds its
+    checkpoints); of `hf-hub:ORG/NAME[@REV]` it is `hf-hub/ORG/NAME[@REV]` in the working directory, so two
+    teachers of one owner, or two revisions, never share a cache (the Hub's own cache is left alone)."""
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TeacherCacheConfig(dir="{teacher_dir}/cache")
+    of = lambda path: cache_dir(cfg, SimpleNamespace(identity=dict(path=path)))  # noqa: E731
+    assert of("hf-hub:me/digits-teacher") == tmp_path / "hf-hub" / "me" / "digits-teacher" / "cache"
+    assert of("hf-hub:me/other-teacher") == tmp_path / "hf-hub" / "me" / "other-teacher" / "cache"
+    assert of("hf-hub:me/digits-teacher@v2") == tmp_path / "hf-hub" / "me" / "digits-teacher@v2" / "cache"
+    assert of("hf_hub:me/digits-teacher") == of("hf-hub:me/digits-teacher")  # timm's older spelling
+    folder = tmp_path / "exports" / "teacher"
+    assert of(f"local-dir:{folder}") == folder / "cache"
+    assert of("local-dir:exports/teacher") == folder / "cache"
+    assert of(str(tmp_path / "run" / "checkpoints" / "best.ckpt")) == tmp_path / "run" / "cache"  # a run's file
 
 
 def _twelve_class_fit(trainer_factory, cache_dir, mode: str, teacher):

@@ -64,7 +64,8 @@ class TeacherCacheConfig:
         dir: cache directory; built there at the start of training when it holds no cache. `{teacher_dir}`
             stands for the teacher's run folder (the parent of its checkpoints/ folder; the first
             teacher's for an ensemble), so a recipe can keep each teacher's cache next to it, e.g.
-            `{teacher_dir}/cache`.
+            `{teacher_dir}/cache`. For a `local-dir:PATH` teacher it is PATH, for `hf-hub:ORG/NAME[@REV]`
+            the folder `hf-hub/ORG/NAME[@REV]` in the working directory.
         topk: classes stored per view (the largest logits plus the logsumexp), exact for hard
             distillation only; None = all logits (what soft, DKD and DIST need); `auto` = 10 for hard
             distillation, all logits otherwise.
@@ -503,7 +504,7 @@ def _build_batches(dm, views: int, rank: int, world: int, batch_size: int | None
 
 
 def cache_dir(cfg: TeacherCacheConfig, teacher) -> Path:
-    """`cfg.dir` with `{teacher_dir}` replaced by the teacher's run folder."""
+    """`cfg.dir` with `{teacher_dir}` replaced by the teacher's own folder (`teacher_folder`)."""
     if "{teacher_dir}" not in cfg.dir:
         return Path(cfg.dir).expanduser()
     first = teacher.members[0] if hasattr(teacher, "members") else teacher
@@ -511,9 +512,28 @@ def cache_dir(cfg: TeacherCacheConfig, teacher) -> Path:
     if not path:
         raise ValueError(f"model.teacher_cache.dir={cfg.dir!r} refers to the teacher's run folder, but the teacher "
                          f"was given as a network, not a file; give the cache an explicit directory")
+    return Path(cfg.dir.replace("{teacher_dir}", str(teacher_folder(path)))).expanduser()
+
+
+def teacher_folder(path: str) -> Path:
+    """A folder that belongs to one teacher: a checkpoint's run folder (the parent of checkpoints/), the
+    folder of `local-dir:PATH` itself, and for `hf-hub:ORG/NAME[@REV]` the folder `hf-hub/ORG/NAME[@REV]`
+    in the working directory: named after the whole repository id (and revision), so two teachers of one
+    owner never share it, and outside the Hugging Face cache, whose snapshot folders the Hub's tools own
+    (and which may be read-only or shared between users)."""
+    from ..models.sources import is_source
+
+    if is_source(path):
+        from timm.models import parse_model_name
+
+        kind, ident = parse_model_name(path.strip())
+        if kind == "local-dir":
+            return Path(ident).expanduser().resolve()
+        repo, _, revision = ident.partition("@")
+        name = repo.strip("/") + (f"@{revision.replace('/', '--')}" if revision else "")
+        return Path("hf-hub", *name.split("/")).resolve()
     ckpt = Path(path)
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return Path(cfg.dir.replace("{teacher_dir}", str(run))).expanduser()
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> TeacherCache:
