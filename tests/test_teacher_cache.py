@@ -399,7 +399,8 @@ def test_a_cache_of_another_precision_is_refused_naming_both(trainer_factory, tm
     def fit(teacher_dtype):
         dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True, view_epochs=1)
         module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
-                               teacher_dtype=teacher_dtype, teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache")))
+                               teacher_dtype=teacher_dtype,
+                               teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache")))
         trainer_factory(max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, dm)
         return module
 

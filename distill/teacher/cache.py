@@ -221,12 +221,13 @@ class TeacherCache:
                 f"teacher cache {str(self.dir)!r} holds only the top {m['topk']} of {m.get('num_classes')} logits (built "
                 f"for hard distillation), and this loss reads the whole distribution; point model.teacher_cache.dir "
                 f"elsewhere (e.g. {{teacher_dir}}/cache-full) or delete the directory to rebuild it with every logit")
-        if "precision" in expected and expected["precision"] is not None and m.get("precision") != expected["precision"]:
+        want, have = expected.get("precision"), m.get("precision") or "an unrecorded precision"
+        if want is not None and m.get("precision") != want:
             raise ValueError(
-                f"teacher cache {str(self.dir)!r} holds logits computed in {m.get('precision') or 'an unrecorded precision'} "
-                f"and this run computes them in {expected['precision']}; point model.teacher_cache.dir elsewhere (e.g. "
-                f"{{teacher_dir}}/cache-{_slug(expected['precision'])}) or delete the directory to rebuild it, or run "
-                f"with the cache's precision (trainer.precision, model.teacher_dtype)")
+                f"teacher cache {str(self.dir)!r} holds logits computed in {have} and this run computes them in "
+                f"{want}; point model.teacher_cache.dir elsewhere (e.g. {{teacher_dir}}/cache-{_slug(want)}) or "
+                f"delete the directory to rebuild it, or run with the cache's precision (trainer.precision, "
+                f"model.teacher_dtype)")
         groups = [
             ("teacher", ("teacher",)),
             ("data", ("data",)),
