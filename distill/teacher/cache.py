@@ -29,9 +29,9 @@ k = 10 the rebuilt KL was 0.77 instead of 1.85. So `topk: auto` (the default) st
 those losses and the top 10 for hard distillation, and a top-k cache is refused for them.
 
 Before the cache is used, `TeacherCache.check_compatible` refuses it with a one-line ValueError when
-the teacher, the data, the transforms or the precision of the teacher's pass differ from the manifest, and the first `verify_batches`
-training batches are compared with the live teacher (tolerance from the storage dtype and the
-precision of both passes).
+the teacher, the data, the transforms or the precision of the teacher's pass differ from the
+manifest, and the first `verify_batches` training batches are compared with the live teacher
+(tolerance from the storage dtype and the precision of both passes).
 """
 from __future__ import annotations
 
@@ -208,9 +208,10 @@ class TeacherCache:
     # ------------------------------------------------------------------ validation
     def check_compatible(self, expected: dict[str, Any]) -> None:
         """Refuses (ValueError, one line) a cache built for another teacher, data or transform, one whose
-        logits were computed in another precision (a 16-bit pass differs from a 32-bit one by more than the
-        storage's rounding: near-ties flip), or one that stores less of the teacher's output than the loss reads. `expected` holds the manifest
-        fields of the live set-up that are known (absent ones are skipped).
+        logits were computed in another precision (a 16-bit pass differs from a 32-bit one by more than
+        the storage's rounding: near-ties flip), or one that stores less of the teacher's output than the
+        loss reads. `expected` holds the manifest fields of the live set-up that are known (absent ones
+        are skipped).
 
         `topk` is what the loss needs: None (every logit: soft, DKD, DIST, standardised KL) is served
         only by a cache of every logit, since top-k logits rebuilt with a uniform tail are another
