@@ -134,6 +134,14 @@ def test_loss_fields(capsys, tmp_path, field, value, words):
     assert words in line
 
 
+def test_alpha_1_with_a_distillation_token_is_refused(capsys, tmp_path):
+    """At alpha 1 the class head gets no gradient, yet val/acc, the best checkpoint and the default export
+    fuse it with the distillation head: refused before anything runs, naming the field and both ways out."""
+    line = run_fails(capsys, tmp_path, "--config", STUDENT, "--model.init_args.loss.alpha", "1")
+    assert "model.init_args.loss.alpha=1" in line and "class head" in line
+    assert "model.init_args.student.distilled: false" in line and "alpha below 1" in line
+
+
 def test_unknown_model_name_suggests_close_names(capsys, tmp_path):
     line = run_fails(capsys, tmp_path, "--config", TEACHER, "--model.init_args.model", "resnet19")
     assert "not a timm model" in line and "resnet18" in line

@@ -39,3 +39,11 @@ def test_epoch_bench_on_device_data(bench, tmp_path):
                               json_path=tmp_path / "epoch.json")
     assert set(r["epoch_seconds"]) == {"student", "live", "cached"}
     assert json.loads((tmp_path / "epoch.json").read_text())["img_per_s"]["live"] > 0
+
+
+def test_epoch_bench_cache_with_a_bfloat16_teacher(bench):
+    """The cache the bench builds by hand records the precision the DistillModule reading it computes in
+    (`32-true, teacher bfloat16`); the cache refuses another."""
+    r = bench.run_epoch_bench(preset="tiny", device="cpu", num_images=64, epochs=1, quiet=True, threads=1,
+                              teacher_dtype="bfloat16")
+    assert r["img_per_s"]["cached"] > 0

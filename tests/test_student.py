@@ -615,6 +615,24 @@ def test_fsdp_strategy_ignores_the_teacher_and_keeps_the_students_parameters():
     module._trainer = None
 
 
+def test_alpha_1_with_a_distillation_token_is_refused_and_without_one_it_is_not(tiny_student):
+    """alpha 1 leaves the class head untrained inside the fused logits that val/acc and the export use:
+    refused for a student with a token (as a config or as a network); function matching's student
+    without token, alpha below 1, and mode none (no teacher term, alpha unused) are built."""
+    teacher = bn_teacher(digits())
+    soft_alone = DistillationLoss("soft", tau=1.0, alpha=1.0)
+    for student in (StudentConfig(**tiny_student), dict(tiny_student),
+                    build_student(num_classes=10, img_size=8, in_chans=1, **tiny_student)):
+        with pytest.raises(ValueError, match=r"^model.init_args.loss.alpha=1 with a distillation token") as e:
+            DistillModule(student, teacher=teacher, loss=soft_alone)
+        assert "\n" not in str(e.value)
+    DistillModule(StudentConfig(**tiny_student, distilled=False), teacher=teacher, loss=soft_alone)
+    DistillModule(build_student(num_classes=10, img_size=8, in_chans=1, distilled=False, **tiny_student),
+                  teacher=teacher, loss=soft_alone)
+    DistillModule(StudentConfig(**tiny_student), teacher=teacher, loss=DistillationLoss("soft", tau=1.0, alpha=0.9))
+    DistillModule(StudentConfig(**tiny_student), teacher=teacher, loss=DistillationLoss("none", alpha=1.0))
+
+
 # ------------------------------------------------------------------------------ function matching
 @pytest.mark.parametrize("on_device", [False, True])
 def test_function_matching_teacher_and_student_see_the_same_mixed_image(trainer_factory, tiny_student, on_device):

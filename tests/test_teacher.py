@@ -101,3 +101,23 @@ def test_teacher_trained_on_digits(trained_teacher, accuracy_of):
     acc = accuracy_of(model, dm.val_dataloader())
     assert acc >= 0.95
     assert acc == pytest.approx(trained_teacher.val_acc, abs=1e-6)
+
+
+def test_a_teacher_handed_over_in_eval_mode_trains_in_train_mode(trainer_factory, tiny_teacher_kwargs):
+    """Lightning 2.6 keeps the module's mode when fitting starts: a TeacherModule left in eval mode (after
+    a `trainer.validate`, or `.eval()` by hand) would train with frozen BatchNorm statistics and no dropout."""
+    import lightning as L
+
+    dm = ImageDataModule("digits", img_size=8, batch_size=32)
+    module = TeacherModule(num_classes=10, in_chans=1, **tiny_teacher_kwargs).eval()
+    bn = module.model.stem[1]
+    before = bn.running_mean.clone()
+    seen = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(all(m.training for m in pl_module.modules()))
+
+    trainer_factory(max_steps=2, limit_val_batches=1, val_check_interval=1, callbacks=[Modes()]).fit(module, dm)
+    assert seen == [True, True]  # at every step, also after a validation
+    assert not torch.equal(bn.running_mean, before)  # BatchNorm statistics move

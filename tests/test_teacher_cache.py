@@ -11,7 +11,7 @@ from distill import DistillationLoss, DistillModule, ImageDataModule, build_teac
 from distill.data.keyed_views import KeyedViews
 from distill.losses import soft_distillation
 from distill.teacher.cache import (
-    TeacherCache, TeacherCacheConfig, build_cache, reconstruct_logits, teacher_fields, weights_sha256,
+    TeacherCache, TeacherCacheConfig, build_cache, cache_dir, reconstruct_logits, teacher_fields, weights_sha256,
     write_manifest,
 )
 from helpers.probes import LossInputs
@@ -279,6 +279,25 @@ def test_cache_next_to_its_teacher_and_shared_by_hard_and_soft_when_k_covers_eve
     assert TeacherCache(run / "cache").manifest["topk"] is None
 
 
+def test_teacher_dir_of_a_hub_or_local_dir_teacher_is_a_folder_of_its_own(tmp_path, monkeypatch):
+    """`{teacher_dir}` of `local-dir:PATH` is PATH (the folder holding the teacher, as a run folder holds its
+    checkpoints); of `hf-hub:ORG/NAME[@REV]` it is `hf-hub/ORG/NAME[@REV]` in the working directory, so two
+    teachers of one owner, or two revisions, never share a cache (the Hub's own cache is left alone)."""
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TeacherCacheConfig(dir="{teacher_dir}/cache")
+    of = lambda path: cache_dir(cfg, SimpleNamespace(identity=dict(path=path)))  # noqa: E731
+    assert of("hf-hub:me/digits-teacher") == tmp_path / "hf-hub" / "me" / "digits-teacher" / "cache"
+    assert of("hf-hub:me/other-teacher") == tmp_path / "hf-hub" / "me" / "other-teacher" / "cache"
+    assert of("hf-hub:me/digits-teacher@v2") == tmp_path / "hf-hub" / "me" / "digits-teacher@v2" / "cache"
+    assert of("hf_hub:me/digits-teacher") == of("hf-hub:me/digits-teacher")  # timm's older spelling
+    folder = tmp_path / "exports" / "teacher"
+    assert of(f"local-dir:{folder}") == folder / "cache"
+    assert of("local-dir:exports/teacher") == folder / "cache"
+    assert of(str(tmp_path / "run" / "checkpoints" / "best.ckpt")) == tmp_path / "run" / "cache"  # a run's file
+
+
 def _twelve_class_fit(trainer_factory, cache_dir, mode: str, teacher):
     dm = ImageDataModule("synthetic", img_size=8, batch_size=16, num_samples=80, num_classes_synthetic=12,
                          in_chans_synthetic=1, keyed_views=True, view_epochs=1)
@@ -411,3 +430,23 @@ def test_a_cache_of_the_former_format_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"has format 1, this version reads 2; delete it to rebuild") as e:
         TeacherCache(tmp_path / "cache")
     assert "\n" not in str(e.value)
+
+
+def test_a_cache_of_another_precision_is_refused_naming_both(trainer_factory, tmp_path):
+    """A cache built by a bfloat16 teacher must not serve a float32 run (its logits differ by the rounding
+    of a 16-bit pass, enough to flip near-ties): refused in one line naming both precisions, not blamed on
+    the teacher, data or transforms; the run's own precision reads it."""
+    def fit(teacher_dtype):
+        dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True, view_epochs=1)
+        module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                               teacher_dtype=teacher_dtype,
+                               teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache")))
+        trainer_factory(max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, dm)
+        return module
+
+    fit("bfloat16")
+    with pytest.raises(ValueError, match=r"computed in 32-true, teacher bfloat16 and this run computes them in "
+                                         r"32-true; .*model.teacher_cache.dir") as e:
+        fit("float32")
+    assert "\n" not in str(e.value) and "teacher, data or transforms" not in str(e.value)
+    assert fit("bfloat16").teacher.cache is not None

@@ -55,7 +55,7 @@ import lightning as L  # noqa: E402
 from distill import DistillationLoss, DistillModule, build_student, build_teacher  # noqa: E402
 from distill.models.meta import model_meta  # noqa: E402
 from distill.teacher.cache import (  # noqa: E402
-    TeacherCacheConfig, build_cache, teacher_fields, weights_sha256, write_manifest,
+    TeacherCacheConfig, build_cache, precision_name, teacher_fields, weights_sha256, write_manifest,
 )
 from distill.training.optim import adamw, warmup_cosine  # noqa: E402
 
@@ -155,11 +155,23 @@ def _trainer(device: torch.device, precision: str, callbacks: list, **kwargs) ->
     )
 
 
+def _teacher_cast(dtype: str | None, precision: str) -> torch.dtype | None:
+    """The dtype DistillModule keeps the teacher in (`teacher_dtype`; bfloat16 under bf16-mixed), None for float32."""
+    name = dtype if dtype is not None else ("bfloat16" if precision == "bf16-mixed" else None)
+    return getattr(torch, name) if name and name != "float32" else None
+
+
+def _cache_precision(cfg: dict[str, Any]) -> str:
+    """The precision a cache built here records: what the DistillModule reading it computes (the cache
+    refuses another)."""
+    trainer_precision = "32-true" if cfg["precision"] == "32" else cfg["precision"]
+    return precision_name(trainer_precision, _teacher_cast(cfg["teacher_dtype"], cfg["precision"]))
+
+
 def _prepare_teacher(teacher: torch.nn.Module, dtype: str | None, channels_last: bool, compile_: bool,
                      precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The plain loop's teacher with the same speed options DistillModule applies."""
-    name = dtype if dtype is not None else ("bfloat16" if precision == "bf16-mixed" else None)
-    cast = getattr(torch, name) if name and name != "float32" else None
+    cast = _teacher_cast(dtype, precision)
     if cast is not None:
         teacher.to(dtype=cast)
     if channels_last:
@@ -327,7 +339,7 @@ def _run_bench(
                     topk=cfg["cache_topk"], dtype=cfg["cache_dtype"], device=dev, autocast=autocast)
         k = min(cfg["cache_topk"], C) if cfg["cache_topk"] else None
         write_manifest(cache_dir, dict(teacher=teacher_fields(identity, torch.nn.Identity()),
-                                       precision=cfg["precision"]),
+                                       precision=_cache_precision(cfg)),
                        num_samples=distinct_batches * B, num_classes=C, topk=k, dtype=cfg["cache_dtype"],
                        world_size=1)
         cached_module = _module(cfg, copy.deepcopy(student), teacher_c,
@@ -551,7 +563,7 @@ def _run_epoch_bench(
                         topk=cfg["cache_topk"], dtype=cfg["cache_dtype"], device=dev, autocast=autocast)
             identity = dict(weights_sha256=weights_sha256(t), architecture=model_meta(t)["name"], num_classes=C)
             write_manifest(cache_dir, dict(teacher=teacher_fields(identity, torch.nn.Identity()),
-                                           precision=cfg["precision"]), num_samples=n, num_classes=C,
+                                           precision=_cache_precision(cfg)), num_samples=n, num_classes=C,
                            topk=min(cfg["cache_topk"], C) if cfg["cache_topk"] else None, dtype=cfg["cache_dtype"],
                            world_size=1)
             cache_cfg = TeacherCacheConfig(dir=cache_dir, topk=cfg["cache_topk"], dtype=cfg["cache_dtype"], build=False,

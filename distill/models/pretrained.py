@@ -347,41 +347,138 @@ def remap_names(state_dict: dict[str, torch.Tensor], remap: Remap | None,
     return out, changed
 
 
+ROLES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")  # a module's tensors, torch's order
+
+
+@dataclass
+class OrderMatch:
+    """The file's tensors under the model's names, and how they were paired: `pairs` (file name, model
+    name) in pairing order; `alphabetical` when the file's order was its names' (so not its model's)."""
+
+    state_dict: dict[str, torch.Tensor]
+    pairs: list[tuple[str, str]]
+    alphabetical: bool
+
+
 def match_by_order(state_dict: dict[str, torch.Tensor], model: nn.Module, field_name: str = "pretrained_match"
-                   ) -> dict[str, torch.Tensor]:
-    """The file's tensors under the model's names, paired in order: the i-th tensor of the file is the
-    i-th of `model.state_dict()`. Every pair must have the same shape, except that the classifier
-    (timm's `pretrained_cfg["classifier"]`) may have another class count and the first convolution
-    another channel count (timm adapts both afterwards). `num_batches_tracked` counters, which some
-    libraries do not save, are left out on both sides when only one side has them."""
-    ours = model.state_dict()
-    theirs = list(state_dict.items())
-    mine = [(k, tuple(v.shape)) for k, v in ours.items()]
+                   ) -> OrderMatch:
+    """The file's tensors under the model's names, paired in order: the i-th module of the file is the
+    i-th of `model.state_dict()`, and within a module the tensors pair by role (weight, bias,
+    running_mean, running_var, num_batches_tracked), whatever order the file stores them in; a tensor
+    whose name ends in none of these is a module of its own. Every pair must have the same shape,
+    except that the classifier (timm's `pretrained_cfg["classifier"]`) may have another class count and
+    the first convolution another channel count (timm adapts both afterwards). `num_batches_tracked`
+    counters, which some libraries do not save, are left out on both sides when only one side has them.
+
+    A file whose tensors come in the order of their names (safetensors hands them back sorted by name,
+    within each dtype) has lost its model's order. When file order does not line up, such a file is
+    paired by structure: the modules grouped by their parent (`_blocks.3`, `blocks.1.0`), the groups of
+    both sides paired in natural name order (`2` before `10`), and within a group each of the model's
+    modules takes the first of the file's (in the same order) whose tensors fit."""
     counter = lambda k: k.endswith("num_batches_tracked")  # noqa: E731
-    if len(theirs) != len(mine) and any(counter(k) for k, _ in theirs) != any(counter(k) for k, _ in mine):
-        theirs = [kv for kv in theirs if not counter(kv[0])]
-        mine = [kv for kv in mine if not counter(kv[0])]
+    theirs, mine = list(state_dict), list(model.state_dict())
+    if len(theirs) != len(mine) and any(map(counter, theirs)) != any(map(counter, mine)):
+        theirs, mine = [k for k in theirs if not counter(k)], [k for k in mine if not counter(k)]
     name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     if len(theirs) != len(mine):
         raise ValueError(f"{field_name}: order: the file has {len(theirs)} tensors and {name} has {len(mine)}; "
                          f"tensors pair up in order only between the same architecture")
+    fits = _fit_rule(model)
+    their_shapes = {k: tuple(state_dict[k].shape) for k in theirs}
+    my_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    flat_theirs = [k for unit in _modules(theirs).values() for k in unit]
+    flat_mine = [k for unit in _modules(mine).values() for k in unit]
+    misfit = next((i for i, (a, b) in enumerate(zip(flat_theirs, flat_mine))
+                   if not fits(their_shapes[a], b, my_shapes[b])), None)
+    if misfit is None:
+        pairs = list(zip(flat_theirs, flat_mine))
+        return OrderMatch({b: state_dict[a] for a, b in pairs}, pairs, alphabetical=False)
+    a, b = flat_theirs[misfit], flat_mine[misfit]
+    problem = (f"{field_name}: order: tensor {theirs.index(a)} of the file, {a} {list(their_shapes[a])}, does not "
+               f"line up with {b} {list(my_shapes[b])} of {name}")
+    if not _in_name_order(theirs, state_dict):
+        raise ValueError(f"{problem}; the file holds another architecture (or give pretrained_remap rules instead)")
+    pairs, why = _pair_by_structure(theirs, their_shapes, mine, my_shapes, fits)
+    if pairs is None:
+        raise ValueError(f"{problem}, and the file's tensors are in alphabetical order (as safetensors stores them), "
+                         f"which need not be its model's; paired module by module by name order and shape instead, "
+                         f"{why}: the file holds another architecture, or names its modules in another order (give "
+                         f"pretrained_remap rules instead)")
+    return OrderMatch({b: state_dict[a] for a, b in pairs}, pairs, alphabetical=True)
+
+
+def _fit_rule(model: nn.Module):
+    """`fits(file shape, model name, model shape)`: equal shapes, or the classifier with another class
+    count, or the first convolution with another channel count."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     heads = cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     head_keys = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
     first = f"{cfg.get('first_conv')}.weight" if isinstance(cfg.get("first_conv"), str) else None
-    out: dict[str, torch.Tensor] = {}
-    for i, ((their_key, value), (key, shape)) in enumerate(zip(theirs, mine)):
-        have = tuple(value.shape)
-        fits = have == shape or (len(have) == len(shape) and (
+
+    def fits(have: tuple[int, ...], key: str, shape: tuple[int, ...]) -> bool:
+        return have == shape or (len(have) == len(shape) and (
             (key in head_keys and have[1:] == shape[1:]) or
             (key == first and have[0] == shape[0] and have[2:] == shape[2:])))
-        if not fits:
-            raise ValueError(f"{field_name}: order: tensor {i} of the file, {their_key} {list(have)}, does not line up "
-                             f"with {key} {list(shape)} of {name}; the file holds another architecture (or give "
-                             f"pretrained_remap rules instead)")
-        out[key] = value
-    return out
+
+    return fits
+
+
+def _modules(names: Sequence[str]) -> dict[str, list[str]]:
+    """The names grouped by module (the prefix before a role of ROLES), in order of each module's first
+    tensor, each module's tensors in ROLES order; a name ending in no role is a module of its own."""
+    units: dict[str, list[str]] = {}
+    for key in names:
+        module, _, role = key.rpartition(".")
+        units.setdefault(module if role in ROLES else key, []).append(key)
+    rank = lambda k: ROLES.index(k.rpartition(".")[2]) if k.rpartition(".")[2] in ROLES else len(ROLES)  # noqa: E731
+    return {unit: sorted(keys, key=rank) for unit, keys in units.items()}
+
+
+def _natural(name: str) -> list:
+    """Sort key putting `blocks.2` before `blocks.10`."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _in_name_order(names: Sequence[str], state_dict: dict[str, torch.Tensor]) -> bool:
+    """True when the names come sorted (plainly or naturally), within blocks of one dtype each, as
+    safetensors returns them: the order of the file's model is lost."""
+    first_of: dict[torch.dtype, int] = {}
+    for key in names:
+        first_of.setdefault(state_dict[key].dtype, len(first_of))
+    block = lambda k: first_of[state_dict[k].dtype]  # noqa: E731
+    return (list(names) == sorted(names, key=lambda k: (block(k), k))
+            or list(names) == sorted(names, key=lambda k: (block(k), _natural(k))))
+
+
+def _pair_by_structure(theirs, their_shapes, mine, my_shapes, fits) -> tuple[list[tuple[str, str]] | None, str]:
+    """(file name, model name) pairs of a file in name order, or (None, why not)."""
+    def groups(names):
+        by_parent: dict[str, list[tuple[str, list[str]]]] = {}
+        for unit, keys in _modules(names).items():
+            by_parent.setdefault(unit.rpartition(".")[0], []).append((unit, keys))
+        return [sorted(by_parent[p], key=lambda u: _natural(u[0])) for p in sorted(by_parent, key=_natural)]
+
+    def roles(keys):
+        return [k.rpartition(".")[2] if k.rpartition(".")[2] in ROLES else None for k in keys]
+
+    file_groups, model_groups = groups(theirs), groups(mine)
+    if len(file_groups) != len(model_groups):
+        return None, f"the file's modules fall into {len(file_groups)} groups and the model's into {len(model_groups)}"
+    pairs: list[tuple[str, str]] = []
+    for file_units, model_units in zip(file_groups, model_groups):
+        free = list(file_units)
+        for unit, keys in model_units:
+            match = next((u for u in free if roles(u[1]) == roles(keys) and all(
+                fits(their_shapes[a], b, my_shapes[b]) for a, b in zip(u[1], keys))), None)
+            if match is None:
+                shapes = ", ".join(f"{k.rpartition('.')[2]} {list(my_shapes[k])}" for k in keys)
+                return None, f"no module of the file fits {unit} ({shapes})"
+            free.remove(match)
+            pairs += zip(match[1], keys)
+    return pairs, ""
 
 
 def pretrained_names(weights: PretrainedWeights, model_fn, remap: Remap | None = None, match: str = "name",
@@ -395,11 +492,13 @@ def pretrained_names(weights: PretrainedWeights, model_fn, remap: Remap | None =
     sd, changed = remap_names(weights.state_dict, remap, f"{field_name}_remap")
     notes = [f"{changed} of {len(sd)} names rewritten by pretrained_remap"] if remap else []
     if match == "order":
-        before = list(sd)
-        sd = match_by_order(sd, model_fn(), f"{field_name}_match")
-        renamed = [(a, b) for a, b in zip(before, sd) if a != b]
+        matched = match_by_order(sd, model_fn(), f"{field_name}_match")
+        sd = matched.state_dict
+        renamed = [(a, b) for a, b in matched.pairs if a != b]
         example = f", e.g. {renamed[0][0]} -> {renamed[0][1]}" if renamed else ""
-        notes.append(f"tensors matched by file order ({len(sd)} pairs, {len(renamed)} renamed{example})")
+        how = ("module by module by name order and shape (the file's order is alphabetical; " if matched.alphabetical
+               else "by file order (")
+        notes.append(f"tensors matched {how}{len(sd)} pairs, {len(renamed)} renamed{example})")
     if not notes:
         return weights, None
     return replace(weights, state_dict=sd), "; ".join(notes)

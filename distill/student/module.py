@@ -12,7 +12,7 @@ from torch import nn
 
 from ..losses import DistillationLoss
 from ..models.build import build_student
-from ..models.heads import student_heads
+from ..models.heads import is_distilled, student_heads
 from ..models.meta import model_meta, set_model_meta
 from ..models.sources import is_source
 from ..models.weights import STUDENT_KIND, load_weights_file
@@ -162,6 +162,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             loss = DistillationLoss(**loss)
         self.loss = loss if loss is not None else DistillationLoss()
         self.hparams["loss"] = self.loss.config()
+        _check_class_head_trained(self.loss, student)
         self.teacher_cache_config = _cache_config(teacher_cache)
         self.hparams["teacher_cache"] = asdict(self.teacher_cache_config) if self.teacher_cache_config else None
 
@@ -540,6 +541,24 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.student is None:  # a checkpoint of a module whose student is built lazily
             self.configure_model()
+
+
+def _check_class_head_trained(loss: DistillationLoss, student: Union[StudentConfig, dict, nn.Module]) -> None:
+    """Refuses alpha 1 with a distillation token: the CE term weighs nothing, so the class head never
+    gets a gradient, yet `val/acc`, the best-checkpoint choice and the default export read the fused
+    heads `(z_cls + z_dist) / 2`, half of which stays at its initialisation. A student without token
+    trains the same network minus the unused head (function matching), so nothing is lost by asking
+    for it, while scoring the distillation head alone would make `val/acc` mean something else in
+    some runs than in others."""
+    if isinstance(student, nn.Module):
+        token = is_distilled(student)
+    else:
+        token = (student.get("distilled", StudentConfig.distilled) if isinstance(student, dict) else student.distilled)
+    if token and loss.needs_teacher and loss.alpha >= 1.0:
+        raise ValueError(
+            f"model.init_args.loss.alpha={loss.alpha:g} with a distillation token leaves the class head untrained "
+            f"(no CE term), yet val/acc, the best checkpoint and the default export fuse it with the distillation "
+            f"head; use a student without token (model.init_args.student.distilled: false) or alpha below 1")
 
 
 def _teacher_weights_from_file(module: DistillModule, state_dict: dict, prefix: str, *args) -> None:

@@ -36,9 +36,9 @@ k = 10 the rebuilt KL was 0.77 instead of 1.85. So `topk: auto` (the default) st
 those losses and the top 10 for hard distillation, and a top-k cache is refused for them.
 
 Before the cache is used, `TeacherCache.check_compatible` refuses it with a one-line ValueError when
-the teacher, the data or the transforms differ from the manifest, and the first `verify_batches`
-training batches are compared with the live teacher (tolerance from the storage dtype and the
-precision of both passes).
+the teacher, the data, the transforms or the precision of the teacher's pass differ from the
+manifest, and the first `verify_batches` training batches are compared with the live teacher
+(tolerance from the storage dtype and the precision of both passes).
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ class TeacherCacheConfig:
             when an epoch first reads it. `{teacher_dir}`
             stands for the teacher's run folder (the parent of its checkpoints/ folder; the first
             teacher's for an ensemble), so a recipe can keep each teacher's cache next to it, e.g.
-            `{teacher_dir}/cache`.
+            `{teacher_dir}/cache`. For a `local-dir:PATH` teacher it is PATH, for `hf-hub:ORG/NAME[@REV]`
+            the folder `hf-hub/ORG/NAME[@REV]` in the working directory.
         topk: classes stored per view (the largest logits plus the logsumexp), exact for hard
             distillation only; None = all logits (what soft, DKD and DIST need); `auto` = 10 for hard
             distillation, all logits otherwise.
@@ -243,9 +244,11 @@ class TeacherCache:
 
     # ------------------------------------------------------------------ validation
     def check_compatible(self, expected: dict[str, Any]) -> None:
-        """Refuses (ValueError, one line) a cache built for another teacher, data or transform, or one
-        that stores less of the teacher's output than the loss reads. `expected` holds the manifest
-        fields of the live set-up that are known (absent ones are skipped).
+        """Refuses (ValueError, one line) a cache built for another teacher, data or transform, one whose
+        logits were computed in another precision (a 16-bit pass differs from a 32-bit one by more than
+        the storage's rounding: near-ties flip), or one that stores less of the teacher's output than the
+        loss reads. `expected` holds the manifest fields of the live set-up that are known (absent ones
+        are skipped).
 
         `topk` is what the loss needs: None (every logit: soft, DKD, DIST, standardised KL) is served
         only by a cache of every logit, since top-k logits rebuilt with a uniform tail are another
@@ -256,6 +259,13 @@ class TeacherCache:
                 f"teacher cache {str(self.dir)!r} holds only the top {m['topk']} of {m.get('num_classes')} logits (built "
                 f"for hard distillation), and this loss reads the whole distribution; point model.teacher_cache.dir "
                 f"elsewhere (e.g. {{teacher_dir}}/cache-full) or delete the directory to rebuild it with every logit")
+        want, have = expected.get("precision"), m.get("precision") or "an unrecorded precision"
+        if want is not None and m.get("precision") != want:
+            raise ValueError(
+                f"teacher cache {str(self.dir)!r} holds logits computed in {have} and this run computes them in "
+                f"{want}; point model.teacher_cache.dir elsewhere (e.g. {{teacher_dir}}/cache-{_slug(want)}) or "
+                f"delete the directory to rebuild it, or run with the cache's precision (trainer.precision, "
+                f"model.teacher_dtype)")
         groups = [
             ("teacher", ("teacher",)),
             ("data", ("data",)),
@@ -355,6 +365,11 @@ def _ranges(values: Sequence[int]) -> str:
             out.append(str(start) if start == v else f"{start}-{v}")
             start = None
     return ", ".join(out)
+
+
+def _slug(text: str) -> str:
+    """A folder-name version of a precision (`32-true, teacher bfloat16` -> `32-true-teacher-bfloat16`)."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
 
 
 def _short(v: Any) -> str:
@@ -494,8 +509,13 @@ def compute_precision(teacher, trainer=None) -> str | None:
     if trainer is None:
         return None
     first = teacher.members[0] if hasattr(teacher, "members") else teacher
-    cast = getattr(first, "_cast", None)
-    return f"{trainer.precision}, teacher {str(cast).replace('torch.', '')}" if cast is not None else str(trainer.precision)
+    return precision_name(trainer.precision, getattr(first, "_cast", None))
+
+
+def precision_name(trainer_precision: str, cast: torch.dtype | None) -> str:
+    """How the manifest names a precision: the trainer's (`32-true`, `bf16-mixed`), plus the teacher's
+    dtype when it is kept in another one (`32-true, teacher bfloat16`)."""
+    return f"{trainer_precision}, teacher {str(cast).replace('torch.', '')}" if cast is not None else str(trainer_precision)
 
 
 def cache_manifest(teacher, cfg: TeacherCacheConfig, trainer=None, dm=None) -> dict[str, Any]:
@@ -545,7 +565,7 @@ def _build_batches(dm, views: Sequence[int], rank: int, world: int, batch_size: 
 
 
 def cache_dir(cfg: TeacherCacheConfig, teacher) -> Path:
-    """`cfg.dir` with `{teacher_dir}` replaced by the teacher's run folder."""
+    """`cfg.dir` with `{teacher_dir}` replaced by the teacher's own folder (`teacher_folder`)."""
     if "{teacher_dir}" not in cfg.dir:
         return Path(cfg.dir).expanduser()
     first = teacher.members[0] if hasattr(teacher, "members") else teacher
@@ -553,9 +573,28 @@ def cache_dir(cfg: TeacherCacheConfig, teacher) -> Path:
     if not path:
         raise ValueError(f"model.teacher_cache.dir={cfg.dir!r} refers to the teacher's run folder, but the teacher "
                          f"was given as a network, not a file; give the cache an explicit directory")
+    return Path(cfg.dir.replace("{teacher_dir}", str(teacher_folder(path)))).expanduser()
+
+
+def teacher_folder(path: str) -> Path:
+    """A folder that belongs to one teacher: a checkpoint's run folder (the parent of checkpoints/), the
+    folder of `local-dir:PATH` itself, and for `hf-hub:ORG/NAME[@REV]` the folder `hf-hub/ORG/NAME[@REV]`
+    in the working directory: named after the whole repository id (and revision), so two teachers of one
+    owner never share it, and outside the Hugging Face cache, whose snapshot folders the Hub's tools own
+    (and which may be read-only or shared between users)."""
+    from ..models.sources import is_source
+
+    if is_source(path):
+        from timm.models import parse_model_name
+
+        kind, ident = parse_model_name(path.strip())
+        if kind == "local-dir":
+            return Path(ident).expanduser().resolve()
+        repo, _, revision = ident.partition("@")
+        name = repo.strip("/") + (f"@{revision.replace('/', '--')}" if revision else "")
+        return Path("hf-hub", *name.split("/")).resolve()
     ckpt = Path(path)
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return Path(cfg.dir.replace("{teacher_dir}", str(run))).expanduser()
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> TeacherCache:
@@ -570,7 +609,7 @@ def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device |
         if not has_cache(directory):
             raise ValueError("model.teacher_cache: building a cache needs an ImageDataModule with keyed_views: true")
         cache = TeacherCache(directory)
-        cache.check_compatible({k: expected.get(k) for k in ("teacher", "topk", "dtype")})
+        cache.check_compatible({k: expected.get(k) for k in ("teacher", "precision", "topk", "dtype")})
         return cache
     if getattr(dm, "mixup_fn", None) is not None:
         raise ValueError("model.teacher_cache cannot be used with data.mixup/cutmix: the teacher's output on a mixed "
@@ -587,7 +626,8 @@ def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device |
                                topk=expected["topk"], dtype=cfg.dtype, world_size=trainer.world_size)
         trainer.strategy.barrier("teacher_cache_manifest")
     cache = TeacherCache(directory)
-    cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "topk", "dtype")})
+    cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "precision", "topk",
+                                                         "dtype")})
     if cache.world != trainer.world_size:
         raise ValueError(f"teacher cache {str(directory)!r} is sharded for {cache.world} process(es) and this run has "
                          f"{trainer.world_size}; point model.teacher_cache.dir elsewhere for this world size")

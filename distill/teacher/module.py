@@ -189,6 +189,9 @@ class TeacherModule(EvaluationSteps, L.LightningModule):
             m.update(logits, y)
 
     def on_fit_start(self) -> None:
+        # Lightning (2.6) keeps the module's mode when fitting starts: a teacher left in eval mode (by a
+        # `trainer.validate` before, or by hand) would train with frozen BatchNorm statistics and no dropout.
+        self.train()
         if self.hparams.get("compile") and not getattr(self, "_compiled", False):
             self._compiled = True
             self.model.compile()

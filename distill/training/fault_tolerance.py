@@ -271,14 +271,20 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     and `--ckpt_path last` would silently restart from the best epoch. Lightning also writes nothing at
     a step that already has a checkpoint, so a step checkpoint (`every_n_train_steps`) that falls on an
     epoch's last step would leave `last` without that epoch's validation (its metrics in
-    `distill_run`, the best score, the loop progress). Here every validation (or, without one, every
-    epoch end) that did not write `last` itself writes it."""
+    `distill_run`, the best score, the loop progress). And with validation every n > 1 epochs
+    (`check_val_every_n_epoch`) Lightning writes checkpoints at validations only, so epochs trained
+    after the last validation (the end of a run of 3 epochs validated every 2) were not in `last`. Here
+    every validation (or, without one, every epoch end) that did not write `last` itself writes it, and
+    so does every epoch end (or the end of fit at `max_steps`) that trained past the step `last` holds."""
 
     _last_saves = 0  # times `last` was written: tells whether Lightning's own hook wrote it
+    _last_step: int | None = None  # global step `last` holds (None: not written by this fit)
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_saves += 1
+        if self.save_last:
+            self._last_saves += 1
+            self._last_step = trainer.global_step
 
     def _save_last_unless_saved(self, trainer: L.Trainer, saves_before: int) -> None:
         from lightning.pytorch.trainer.states import TrainerFn
@@ -290,7 +296,10 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         before = self._last_saves
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        # An epoch without validation (validated every n epochs) trained past `last`: write it here, the
+        # same state an epoch-end checkpoint holds. A validated epoch wrote it at its validation, which
+        # runs before this hook, at this step.
+        if self._should_save_on_train_epoch_end(trainer) or self._last_step != trainer.global_step:
             self._save_last_unless_saved(trainer, before)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
