@@ -826,8 +826,10 @@ def test_an_own_variant_runs_with_its_overrides_and_the_report_says_them(tmp_pat
     (["--variant", "mine=--model.init_args.loss.alpha"], "--model.init_args.loss.alpha has no value"),
     (["--variant", "m=--a 1", "--variant", "m=--b 2"], "variant 'm' is defined twice"),
     (["--variants", "none", "nope"], "no variant nope (--variants)"),
-    (["--variant", "mine=--model.init_args.loss.nope 1"], "nope"),  # the recipe refuses it before any training
-], ids=["built-in name", "no overrides", "not an override", "teacher", "no value", "twice", "unknown", "bad field"])
+    (["--variant", "mine=--model.init_args.loss.nope 1"], "variant mine: model: Option 'nope' is not accepted"),
+    (["--seeds", "0"], "a study needs at least one seed"),
+], ids=["built-in name", "no overrides", "not an override", "teacher", "no value", "twice", "unknown", "bad field",
+        "no seed"])
 def test_bad_variants_are_one_line_and_write_nothing(argv, said, tmp_path, monkeypatch, capsys):
     trained = []
     fake_study(tmp_path, monkeypatch, trained)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import one_line
 from ..models.weights import load_weights_file, sha256_of
 from .pipeline import resolve_recipe, run_step, split_overrides
 from .study_claims import claim_alive, claim_owner, claim_run, release, results_lock
@@ -54,9 +55,17 @@ def student_args(variant: str, recipe_dir: Path, overrides: list[str], own: dict
 # ------------------------------------------------------------------------------ is it the same recipe?
 def resolved_recipe(config: Path, args: list[str], root: Path) -> dict:
     """The recipe a run of `config` with `args` in `root` resolves to, as its config.yaml records it."""
+    import logging
+
     from .recipe_cli import DistillCLI
 
-    return DistillCLI.recorded_recipe(["--config", str(config), *args, "--trainer.default_root_dir", str(root)])
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)  # parsing seeds the RNGs and says so on stdout; nothing runs here
+    try:
+        return DistillCLI.recorded_recipe(["--config", str(config), *args, "--trainer.default_root_dir", str(root)])
+    finally:
+        seed_log.setLevel(level)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -254,11 +263,14 @@ def run_study(recipe: str, variants: list[str], seeds: int, study: Path, overrid
     runs_dir = study / "runs"
     student_yaml = recipe_dir / "student.yaml"
     if previous and previous.get("score", "best") != score:
-        raise ValueError(f"cannot resume with --score {score}: the study being resumed scored its runs by their {previous.get('score', 'best')} "
-                         f"checkpoint; use the same --score or another --out")
+        raise ValueError(f"cannot resume with --score {score}: the study being resumed scored its runs by their "
+                         f"{previous.get('score', 'best')} checkpoint; use the same --score or another --out")
     for variant in variants:  # a variant that does not resolve stops the study now, not after the teacher
-        resolved_recipe(student_yaml, [*student_args(variant, recipe_dir, steps["student"], own), "--seed_everything",
-                                       "0", "--model.init_args.teacher", "teacher.ckpt"], runs_dir / variant)
+        args = [*student_args(variant, recipe_dir, steps["student"], own), "--model.init_args.teacher", "teacher.ckpt"]
+        try:
+            resolved_recipe(student_yaml, args, runs_dir / variant)
+        except Exception as e:  # noqa: BLE001 - jsonargparse's errors, said as one line naming the variant
+            raise ValueError(f"variant {variant}: {one_line(e)}") from None
     results = {"recipe": recipe_label(recipe_dir), "command": command, "hardware": hardware(), "score": score,
                "teacher": previous.get("teacher"), "runs": list(previous.get("runs") or []),
                "seconds": float(previous.get("seconds") or 0.0)}
@@ -312,6 +324,8 @@ def run_study(recipe: str, variants: list[str], seeds: int, study: Path, overrid
     def changes_of(variant: str, seed: int) -> list[str]:
         """How the finished run's recipe differs from this command's ([] when its folder no longer tells)."""
         root = runs_dir / f"{variant}-seed{seed}"
+        if not (root / "config.yaml").is_file():
+            return []
         if (variant, seed) not in expected:
             expected[(variant, seed)] = resolved_recipe(student_yaml, args_of(variant, seed), root)
         return folder_changes(root, student_yaml, args_of(variant, seed), expected[(variant, seed)]) or []
