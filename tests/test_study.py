@@ -939,6 +939,21 @@ def test_report_rewrites_the_paths_of_the_machine_the_study_ran_on(tmp_path, mon
         assert elsewhere not in (out / name).read_text(), name
     assert "--teacher_ckpt: ../runs/teacher/checkpoints/last.ckpt, from this folder" in (out / "results.md").read_text()
 
+    # while a worker runs (maybe of the former code, which finds the teacher by its recorded path), that path stays
+    (out / "results.json").write_text(json.dumps(results))
+    child, claim = live_process()
+    try:
+        (out / "runs").mkdir()
+        (out / "runs" / "none-seed1.running").write_text(claim)
+        capsys.readouterr()
+        assert distill(["study", "recipes/x", "--out", str(out), "--report"]) == 0
+    finally:
+        child.kill()
+    after = json.loads((out / "results.json").read_text())
+    assert after["teacher"]["checkpoint"] == results["teacher"]["checkpoint"]
+    assert after["runs"][1]["checkpoint"] == "runs/token-seed0/checkpoints/last.ckpt"
+    assert "keeping the teacher's path as recorded while workers run (none-seed1.running)" in capsys.readouterr().err
+
 
 # ------------------------------------------------------------------------------------------- curves
 def test_a_run_curve_is_val_acc_against_samples_seen(tmp_path):

@@ -10,6 +10,7 @@ import json
 import platform
 import shlex
 import statistics
+import sys
 from pathlib import Path
 
 from .study_claims import claim_alive, results_lock
@@ -303,13 +304,14 @@ def write_study(results: dict, path: Path) -> None:
         write_curves_plot(results, curves, path.with_name("curves.png"))
 
 
-def portable_results(results: dict, study: Path) -> dict:
+def portable_results(results: dict, study: Path, keep_teacher: bool = False) -> dict:
     """results.json with every path in today's form: checkpoints relative to the study folder, the
-    command as `distill study ...` with paths under the current directory relative to it."""
+    command as `distill study ...` with paths under the current directory relative to it. `keep_teacher`:
+    the teacher's path stays as recorded (workers running now read it)."""
     command_args = split_command(results["command"])
     given_as = given_teacher_arg(results["command"])
     teacher = dict(results.get("teacher") or {})
-    if teacher.get("checkpoint"):
+    if teacher.get("checkpoint") and not keep_teacher:
         teacher["checkpoint"] = study_relative(teacher["checkpoint"], study, own=not teacher.get("given"),
                                                given_as=given_as)
     runs = [{**r, "checkpoint": study_relative(r["checkpoint"], study, own=True)} if r.get("checkpoint") else r
@@ -325,8 +327,14 @@ def report(study: Path) -> int:
     path = study / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"nothing to report: --report needs {path}; run the study first (or pass its --out)")
+    # A worker of the former tools/reproduce.py finds the teacher by the path as it recorded it: while any
+    # worker runs, that path is left alone.
+    running = sorted(c.name for c in (study / "runs").glob("*.running") if claim_alive(c))
+    if running:
+        print(f"keeping the teacher's path as recorded while workers run ({', '.join(running)}); run --report "
+              f"again once the study is finished", file=sys.stderr)
     with results_lock(study):
-        results = portable_results(json.loads(path.read_text()), study)
+        results = portable_results(json.loads(path.read_text()), study, keep_teacher=bool(running))
         results["table"] = table(results["runs"], results.get("own_variants"))
         write_study(results, path)
     print(path.with_name("results.md").read_text())
