@@ -32,8 +32,8 @@ def distill(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------------------------------- startup
 @pytest.mark.parametrize("argv", [["--help"], ["pipeline", "--help"], [], ["export", "--help"], ["predict", "--help"],
-                                  ["attention", "--help"], ["push", "--help"]],
-                         ids=["distill", "pipeline", "bare", "export", "predict", "attention", "push"])
+                                  ["attention", "--help"], ["push", "--help"], ["study", "--help"]],
+                         ids=["distill", "pipeline", "bare", "export", "predict", "attention", "push", "study"])
 def test_help_does_not_import_torch_lightning_or_timm(argv):
     code = ("import sys\nfrom distill.cli import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"

@@ -1,13 +1,18 @@
 """What an install ships: the recipes at the top of the repository travel inside the wheel as
-distill/recipes, and `distill pipeline NAME` finds them there (not only in a checkout)."""
+distill/recipes, and `distill pipeline NAME` finds them there (not only in a checkout); `distill study`
+runs from the wheel alone."""
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from distill.commands.pipeline import resolve_recipe
 
@@ -19,6 +24,7 @@ def test_checkout_resolves_shipped_recipes_by_name():
     assert resolve_recipe("digits") == REPO / "recipes" / "digits"
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_recipes_and_resolves_them_by_name(tmp_path):
     src = tmp_path / "src"  # build from a copy: the build writes build/ and *.egg-info next to the sources
     src.mkdir()
@@ -47,6 +53,23 @@ def test_wheel_ships_the_recipes_and_resolves_them_by_name(tmp_path):
     assert Path(module).is_relative_to(tmp_path / "site")
     assert Path(recipe) == tmp_path / "site" / "distill" / "recipes" / "digits"
     assert class_path == "distill.DistillModule"
+
+    # `distill study` from the wheel alone, away from any checkout: a shipped recipe by name, tiny settings
+    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--teacher.model.init_args.model", "cifar_resnet10",
+            "--student.model.init_args.student.depth", "1", "--student.model.init_args.student.embed_dim", "32"]
+    argv = ["digits", "--variants", "none", "--seeds", "1", "--out", "study", *tiny]
+    res = subprocess.run([sys.executable, "-m", "distill.cli", "study", *argv], cwd=elsewhere, capture_output=True,
+                         text=True, timeout=600, env={**env, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = elsewhere / "study"
+    results = json.loads((study / "results.json").read_text())
+    assert results["recipe"] == "digits" and results["command"] == "distill study " + shlex.join(argv)
+    assert [(r["variant"], r["seed"]) for r in results["runs"]] == [("none", 0)]
+    assert (study / results["runs"][0]["checkpoint"]).is_file() and (study / results["teacher"]["checkpoint"]).is_file()
+    assert "| no distillation |" in (study / "results.md").read_text()
+    for name in ("results.json", "results.md"):
+        assert str(tmp_path) not in (study / name).read_text(), name
 
 
 def test_pyproject_lists_every_recipe_folder():

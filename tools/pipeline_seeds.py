@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py, tools/plot_run.py
+from distill.commands.study_report import hardware, mean_std
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/plot_run.py
 from plot_run import read_curves  # noqa: E402
-from reproduce import hardware, mean_std  # noqa: E402
 
 
 def last_epoch_acc(run_dir: Path) -> float | None:

@@ -33,9 +33,7 @@ from PIL import Image
 
 from distill import DistillationLoss, DistillModule, ImageDataModule, StudentConfig, TeacherModule
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/reproduce.py
-from reproduce import hardware, mean_std, row_stats  # noqa: E402
-from study_plot import bar_chart  # noqa: E402
+from distill.commands.study_report import bar_chart, hardware, mean_std, row_stats
 
 TEACHER = dict(model="cifar_resnet10", model_kwargs={"base_width": 16}, lr=2e-3, weight_decay=0.05, warmup_epochs=1,
                label_smoothing=0.1)

@@ -2,6 +2,7 @@
 
     distill fit|validate|test|predict --config RECIPE.yaml [--dotted.overrides ...]   (LightningCLI)
     distill pipeline RECIPE_DIR [--out DIR] [--teacher_ckpt PATH] [--dotted.overrides ...]
+    distill study RECIPE_DIR [--variants NAME...] [--variant NAME="OVERRIDES"] [--seeds N] [--out DIR] [--report]
     distill export CKPT --format safetensors|onnx|hf --head cls|dist|fused --out FILE_OR_DIR
     distill push DIR --repo ORG/NAME [--private]
     distill attention CKPT IMAGE_OR_FOLDER... --out DIR
@@ -16,6 +17,7 @@ import sys
 
 TOOLS = {
     "pipeline": "distill.commands.pipeline",
+    "study": "distill.commands.study",
     "export": "distill.commands.export",
     "push": "distill.sharing.hub",
     "attention": "distill.commands.attention",
