@@ -530,10 +530,26 @@ class ImageDataModule(L.LightningDataModule):
 
         return RepeatedAugSampler(self.train_set, num_replicas=world, rank=rank, repeats=hp.repeated_aug, seed=hp.seed)
 
+    def labeled_share(self):
+        """The `distill.data.samplers.LabeledShare` of data.labeled_fraction for the training set as set
+        up, or None (no share asked for, or no unlabelled image in it: e.g. a teacher's)."""
+        fraction = self.hparams.get("labeled_fraction")
+        if fraction is None or not self.num_unlabeled:
+            return None
+        from .samplers import LabeledShare
+
+        return LabeledShare(np.asarray(self.train_set.targets) >= 0, self.batch_size, fraction, self.hparams.seed)
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         workers = self.num_workers
         sampler = self.train_sampler() if train else None
         trainer = self.trainer
+        share = self.labeled_share() if train else None
+        if share is not None:
+            from .samplers import LabeledShareSampler
+
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = LabeledShareSampler(ds, share, num_replicas=world, rank=rank)
         if not train and trainer is not None and trainer.world_size > 1:
             # Lightning's default DistributedSampler pads the last shard with repeated samples, which
             # would count them twice in the metrics: shard evaluation data without padding instead.

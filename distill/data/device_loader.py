@@ -87,6 +87,7 @@ class DeviceImageLoader:
         mixup_fn: optional `timm.data.Mixup` applied to each training batch (standalone use only:
             `ImageDataModule` mixes in `on_after_batch_transfer`).
         out_dtype: dtype of the yielded images (float32; bfloat16 halves the memory traffic).
+        share: a `distill.data.samplers.LabeledShare` (training): every batch holds its labelled share.
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class DeviceImageLoader:
         device: torch.device | str | None = None,
         mixup_fn: Any = None,
         out_dtype: torch.dtype = torch.float32,
+        share: Any = None,
     ) -> None:
         if images.ndim != 4:
             raise ValueError(f"DeviceImageLoader: images must be (N, C, H, W), got shape {tuple(images.shape)}")
@@ -127,6 +129,7 @@ class DeviceImageLoader:
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = int(rank), int(world_size)
         self.mixup_fn, self.out_dtype, self.epoch = mixup_fn, out_dtype, 0
+        self.share = share if train else None
         self.uint8 = self.images.dtype == torch.uint8
         mean_t = torch.tensor(list(mean) * (c // len(mean) if len(mean) == 1 else 1), dtype=torch.float32)
         std_t = torch.tensor(list(std) * (c // len(std) if len(std) == 1 else 1), dtype=torch.float32)
@@ -154,6 +157,8 @@ class DeviceImageLoader:
         return e % self.view_epochs if self.view_epochs else e
 
     def _order(self) -> np.ndarray:
+        if self.share is not None:
+            return self.share.order(self.epoch, self.rank, self.world_size)
         if self.train:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).numpy()
@@ -165,6 +170,8 @@ class DeviceImageLoader:
         return order
 
     def _per_rank(self) -> int:
+        if self.share is not None:
+            return self.share.batches(self.world_size) * self.batch_size
         if self.world_size == 1:
             return self.n
         return self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
@@ -277,6 +284,7 @@ def device_loader(dm, split: Literal["train", "val", "test"]) -> DeviceImageLoad
         crop=hp.crop if train else "none", hflip=hp.hflip if train else 0.0, re_prob=hp.re_prob if train else 0.0,
         seed=hp.seed, view_epochs=hp.get("view_epochs"), keyed=train and bool(hp.get("keyed_views")),
         drop_last=train and hp.drop_last, rank=rank, world_size=world, device=device,
+        share=dm.labeled_share() if train else None,
     )
     if train:
         dm._device_train = loader

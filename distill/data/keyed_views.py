@@ -87,9 +87,10 @@ class ViewKeySampler(DistributedSampler):
     `k` samples of this rank's share."""
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, view_epochs: int | None = None) -> None:
+                 seed: int = 0, view_epochs: int | None = None, share=None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.view_epochs = view_epochs
+        self.share = share  # a distill.data.samplers.LabeledShare: batches with a fixed labelled share
         self._skip: tuple[int, int] | None = None  # (epoch, samples) for the next pass over that epoch
 
     def view(self) -> int:
@@ -101,11 +102,19 @@ class ViewKeySampler(DistributedSampler):
 
     def __iter__(self):
         n, v = len(self.dataset), self.view()  # type: ignore[arg-type]
-        indices: Iterator[int] = super().__iter__()
+        if self.share is not None:
+            indices: Iterator[int] = iter(self.share.order(self.epoch, self.rank, self.num_replicas).tolist())
+        else:
+            indices = super().__iter__()
         if self._skip is not None and self._skip[0] == self.epoch:
             indices = islice(indices, self._skip[1], None)
             self._skip = None
         return (v * n + int(i) for i in indices)
+
+    def __len__(self) -> int:
+        if self.share is not None:
+            return self.share.batches(self.num_replicas) * self.share.batch_size
+        return super().__len__()
 
 
 class KeyedLoader(DataLoader):
@@ -150,7 +159,7 @@ def keyed_train_loader(dm, shuffle: bool = True) -> DataLoader:
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     ds = KeyedViews(dm.train_set, hp.seed)
     sampler = ViewKeySampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed,
-                             view_epochs=hp.view_epochs)
+                             view_epochs=hp.view_epochs, share=dm.labeled_share())
     if trainer is not None:
         # Lightning builds the iterator (with workers, they draw the first indices at once) before it
         # calls set_epoch, e.g. when it reloads the loaders every n epochs: start at the trainer's

@@ -68,3 +68,69 @@ class RepeatedAugSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_selected
+
+
+class LabeledShare:
+    """`data.labeled_fraction`: the order of an epoch in which every batch holds `round(fraction * batch)`
+    labelled images (at least 1, at most batch - 1) and unlabelled ones for the rest, shuffled within the
+    batch (so that mixup, which pairs image i with image B-1-i, pairs labelled images with each other too).
+
+    An epoch is as long as a plain one: `len // (batch * world)` batches per process. Each kind is drawn
+    from its own stream of seeded permutations (a new one each time it runs out), so with a share above
+    the data's the labelled images come several times an epoch and only part of the unlabelled ones do;
+    a new epoch draws anew. The order depends on `(seed, epoch)` alone: a resumed epoch replays it, and
+    the processes of a DDP run take every `world`-th batch of one global order.
+
+    Args:
+        labeled: bool mask over the training set (True: has a label).
+        batch_size: samples per batch and process.
+        fraction: the labelled share of a batch, in (0, 1).
+        seed: seed of every epoch's order.
+    """
+
+    def __init__(self, labeled, batch_size: int, fraction: float, seed: int) -> None:
+        import numpy as np
+
+        self.labeled = np.flatnonzero(np.asarray(labeled, dtype=bool))
+        self.unlabeled = np.flatnonzero(~np.asarray(labeled, dtype=bool))
+        self.n, self.batch_size, self.seed = len(labeled), int(batch_size), int(seed)
+        self.k = min(max(int(round(float(fraction) * self.batch_size)), 1), self.batch_size - 1)
+        if not len(self.labeled) or not len(self.unlabeled) or self.batch_size < 2:
+            raise ValueError(f"data.labeled_fraction={fraction} needs labelled and unlabelled training images and "
+                             f"batches of at least 2; this training set has {len(self.labeled)} labelled and "
+                             f"{len(self.unlabeled)} unlabelled images, batches of {self.batch_size}")
+
+    def batches(self, world: int = 1) -> int:
+        """Batches per process and epoch."""
+        return self.n // (self.batch_size * world)
+
+    def order(self, epoch: int, rank: int = 0, world: int = 1):
+        """This process's indices of epoch `epoch`, batch after batch (batches(world) * batch_size of them)."""
+        import numpy as np
+
+        total = self.batches(world) * world
+        rng = np.random.default_rng([self.seed, int(epoch), 0x1ABE1])
+
+        def stream(pool, count: int):
+            rounds = -(-count // len(pool)) if count else 0
+            return np.concatenate([rng.permutation(pool) for _ in range(rounds)] or [pool[:0]])[:count]
+
+        labeled = stream(self.labeled, total * self.k).reshape(total, self.k)
+        unlabeled = stream(self.unlabeled, total * (self.batch_size - self.k)).reshape(total, self.batch_size - self.k)
+        order = rng.permuted(np.concatenate([labeled, unlabeled], axis=1), axis=1)
+        return order[rank::world].reshape(-1)
+
+
+class LabeledShareSampler(DistributedSampler):
+    """The host loader's sampler for `LabeledShare`: a DistributedSampler (Lightning keeps it under DDP
+    and calls `set_epoch` every epoch) yielding this process's order of the epoch."""
+
+    def __init__(self, dataset: Dataset, share: LabeledShare, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=share.seed, drop_last=True)
+        self.share = share
+
+    def __iter__(self):
+        return iter(self.share.order(self.epoch, self.rank, self.num_replicas).tolist())
+
+    def __len__(self) -> int:
+        return self.share.batches(self.num_replicas) * self.share.batch_size
