@@ -164,3 +164,26 @@ def test_large_folders_skip_unreadable_files_while_reading(tmp_path, monkeypatch
     strict = ImageFolderDataset(root, ["a", "b"], "L", max_bad_fraction=0.01)
     with pytest.raises(ValueError, match="unreadable"):
         [strict[i] for i in range(len(strict))]
+
+
+def test_a_validation_class_folder_that_train_lacks_is_refused(capsys, tmp_path):
+    """A typo in val/ (`Cat` for `cat`) would leave that folder's images out of every score without a word."""
+    root = _folder(tmp_path / "data", n_per_class=3)
+    classes = sorted(d.name for d in (root / "train").iterdir())
+    (root / "val" / classes[0]).rename(root / "val" / classes[0].upper())
+    line = run_fails(capsys, tmp_path / "run", "--config", TEACHER, "--data.source", "imagefolder",
+                     "--data.root", str(root), "--data.batch_size", "2")
+    assert f"has class folder(s) '{classes[0].upper()}' that train/ lacks (train/ has {', '.join(classes)})" in line
+
+
+def test_a_class_without_validation_images_is_said_in_one_line(tmp_path, caplog):
+    from distill import ImageDataModule
+
+    root = _folder(tmp_path / "data", n_per_class=3)
+    classes = sorted(d.name for d in (root / "train").iterdir())
+    for f in (root / "val" / classes[1]).iterdir():
+        f.unlink()
+    with caplog.at_level("WARNING"):
+        ImageDataModule("imagefolder", str(root), img_size=8, batch_size=2).setup("fit")
+    said = [r.getMessage() for r in caplog.records if "has no images of class(es)" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(f"{classes[1]}: their accuracy is not measured")

@@ -174,8 +174,26 @@ def scan_image_folder(root: Path, in_chans: int | None) -> dict[str, Any]:
     if not samples["train"]:
         raise ValueError(f"data.root: {str(train)!r} holds no images; expected {train}/<class>/*.jpg")
     test = root / "test" if (root / "test").is_dir() else val
+    for held_out in dict.fromkeys((val, test)):
+        check_held_out_classes(held_out, classes)
     mode = folder_mode({train: samples["train"], val: samples["val"]}, in_chans)
     return dict(train=train, val=val, test=test, classes=classes, samples=samples, mode=mode)
+
+
+def check_held_out_classes(folder: Path, classes: Sequence[str]) -> None:
+    """A validation/test folder must hold train/'s classes: a class folder train/ lacks (a typo such as
+    `Cat` for `cat`) would leave its images out of every score without a word, so it is refused; a class
+    of train/ with no images there is said (its accuracy is never measured)."""
+    held = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    extra = [c for c in held if c not in classes]
+    if extra:
+        raise ValueError(f"data.root: {str(folder)!r} has class folder(s) {', '.join(map(repr, extra))} that train/ lacks "
+                         f"(train/ has {', '.join(classes)}); their images would be left out of every score: rename or "
+                         f"remove them")
+    empty = [c for c in classes if not any(p.suffix.lower() in IMG_EXTENSIONS for p in (folder / c).glob("*"))]
+    if empty:
+        log.warning("data.root: %s has no images of class(es) %s: their accuracy is not measured", folder,
+                    ", ".join(empty))
 
 
 def folder_mode(samples: dict[Path, list], forced: int | None) -> str:
