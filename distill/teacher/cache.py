@@ -648,15 +648,17 @@ def view_builder(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device
                 raise FileNotFoundError(f"model.teacher_cache: {str(directory)!r} holds no view {view} and build is false")
             with _build_lock(view_dir(directory, view), rank):
                 if not view_done(directory, view, rank, world):
-                    if rank == 0:
-                        from lightning.pytorch.utilities import rank_zero_info
+                    from lightning.pytorch.utilities import rank_zero_info
 
-                        rank_zero_info(f"teacher cache: building view {view} ({cache.num_samples:,} samples) in {directory}")
+                    rank_zero_info(f"teacher cache: building view {view} ({cache.num_samples:,} samples) in {directory}")
+                    start = time.perf_counter()
                     batches = _build_batches(dm, [view], rank, world, cfg.batch_size)
                     build_cache(directory, teacher, batches, num_samples=cache.num_samples,
                                 num_classes=cache.num_classes, views=[view], topk=cache.topk, dtype=cfg.dtype,
                                 rank=rank, world_size=world, device=device,
                                 autocast=trainer.precision_plugin.forward_context)
+                    rank_zero_info(f"teacher cache: built view {view} in {time.perf_counter() - start:.1f} s "
+                                   f"(the live teacher's cost of one epoch)")
         trainer.strategy.barrier("teacher_cache_view")
 
     return build
