@@ -354,7 +354,8 @@ def test_in_chans_must_be_1_or_3():
 # ---------------------------------------------------------------------------------- split fingerprint
 def test_split_fingerprint_follows_the_digits_split():
     a, b, c = (ImageDataModule("digits", seed=s).split_fingerprint for s in (0, 0, 1))
-    assert set(a) == {"dataset", "val"} and all(isinstance(v, str) for v in a.values())
+    assert set(a) == {"dataset", "val", "train", "labeled"} and all(isinstance(v, str) for v in a.values())
+    assert a["labeled"] == a["train"]  # every training label is used
     assert a == b
     assert c["dataset"] == a["dataset"] and c["val"] != a["val"]
     assert ImageDataModule("digits", val_fraction=0.3).split_fingerprint["val"] != a["val"]

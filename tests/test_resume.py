@@ -182,11 +182,23 @@ def test_each_process_takes_its_own_state_from_the_checkpoint():
 
 # ------------------------------------------------------------------------------------- SIGKILL
 @pytest.mark.slow
-def test_student_with_keyed_views_resumes_mid_epoch_bit_identically(tmp_path, tiny_teacher_ckpt):
+@pytest.mark.parametrize("images", ["labelled", pytest.param("unlabelled", marks=pytest.mark.slow)])
+def test_student_with_keyed_views_resumes_mid_epoch_bit_identically(tmp_path, tiny_teacher_ckpt, images):
     """Teacher reloaded from its file, EMA, keyed views with RandAugment (Python/NumPy RNG per sample),
     mixup/cutmix (NumPy's global RNG), drop path (torch's): killed two steps into epoch 1, after a step
-    checkpoint, and resumed from it."""
-    common = [
+    checkpoint, and resumed from it. Also with unlabelled images (a folder of them, label -1) in batches of
+    a fixed labelled share (data.labeled_fraction)."""
+    extra = []
+    if images == "unlabelled":
+        import numpy as np
+        from PIL import Image
+
+        (tmp_path / "unlabeled").mkdir()
+        for i in range(96):
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 8), dtype=np.uint8)).save(
+                tmp_path / "unlabeled" / f"{i}.png")
+        extra = ["--data.unlabeled_root", str(tmp_path / "unlabeled"), "--data.labeled_fraction", "0.5"]
+    common = [*extra,
         "--config", STUDENT, *QUIET, "--model.init_args.teacher", str(tiny_teacher_ckpt),
         "--model.init_args.student.depth", "2", "--model.init_args.student.embed_dim", "32",
         "--model.init_args.student.num_heads", "2", "--model.init_args.student.drop_path_rate", "0.2",
