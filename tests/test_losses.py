@@ -759,7 +759,8 @@ def test_stronger_losses_in_a_distill_module_fit(name, trainer_factory, tiny_tea
     """DKD, DIST and KL on standardised logits as a DistillModule trains with them: at each step the loss
     gets the student's two heads in order, the live teacher's logits on the batch and the labels; its
     distillation term is the authors' formula on them, and DKD's warm-up (3 epochs) weighs it 1/3, 2/3,
-    1 in epochs 0, 1, 2 (`on_train_epoch_start` -> `loss.set_epoch`)."""
+    1 in epochs 0, 1, 2 (`on_train_epoch_start` -> `loss.set_epoch`). Two batches an epoch, so that the
+    epoch and the step count differ: a warm-up read from the step would weigh epoch 1 by 3/3."""
     import lightning as L
 
     from distill import DistillModule, ImageDataModule, StudentConfig
@@ -776,11 +777,12 @@ def test_stronger_losses_in_a_distill_module_fit(name, trainer_factory, tiny_tea
                 heads.append(pl_module.student(batch[0]))
 
     seen = LossInputs()
-    trainer_factory(max_epochs=3, limit_train_batches=1, limit_val_batches=0, callbacks=[Heads(), seen]).fit(
+    trainer_factory(max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[Heads(), seen]).fit(
         module, ImageDataModule("digits", img_size=8, batch_size=32))
-    assert len(seen.calls) == len(heads) == 3
+    assert len(seen.calls) == len(heads) == 6
     alpha = settings["alpha"]
-    for epoch, (call, (x, y), (z_cls, z_dist)) in enumerate(zip(seen.calls, seen.batches, heads)):
+    for step, (call, (x, y), (z_cls, z_dist)) in enumerate(zip(seen.calls, seen.batches, heads)):
+        epoch = step // 2
         assert isinstance(call["student"], tuple)
         torch.testing.assert_close(call["student"][0], z_cls, msg=f"epoch {epoch}: class head")
         torch.testing.assert_close(call["student"][1], z_dist, msg=f"epoch {epoch}: distillation head")

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -163,6 +164,37 @@ def test_resume_with_another_number_of_processes_warns_and_reseeds(monkeypatch):
               draws_after_resume(0, 1, 5, 1, seed="1")]
     for other in others:  # another rank, another step, another run seed: other streams (torch, NumPy, Python)
         assert all(a != b for a, b in zip(other, first))
+
+
+@pytest.mark.parametrize("saved_world", [2, 3])
+def test_a_resumed_process_keeps_its_restored_stream_at_fit_start(monkeypatch, saved_world):
+    """Rank 1 of 2 resumes (Lightning restores the callbacks' states before `on_fit_start`): from a
+    checkpoint of 2 processes it continues its own saved stream, from one of 3 it reseeds from (seed,
+    rank, step). Either way fit start must not reseed it again with the fresh run's seed + rank."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    states = []
+    for seed in range(saved_world):
+        torch.manual_seed(100 + seed), np.random.seed(100 + seed), random.seed(100 + seed)
+        states.append(rng_state())
+    saved = {"world_size": saved_world, "ranks": states, "global_step": 4}
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    def resume(fit_start: bool):
+        cb = ResumeState()
+        cb.setup(_fake_trainer(1, 2, 4), None, "fit")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the world-size warning: another test's subject
+            cb.load_state_dict(saved)
+        if fit_start:
+            cb.on_fit_start(_fake_trainer(1, 2, 4), None)
+        return draws()
+
+    restored = resume(fit_start=False)  # what the checkpoint's state (or the (seed, rank, step) reseed) gives
+    assert resume(fit_start=True) == restored
+    torch.manual_seed(5 + 1), np.random.seed(5 + 1), random.seed(5 + 1)
+    assert draws() != restored  # the fresh per-rank seed would draw something else
 
 
 def test_each_process_takes_its_own_state_from_the_checkpoint():

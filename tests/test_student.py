@@ -208,6 +208,16 @@ def test_resume_reloads_teacher_and_refuses_a_changed_one(trainer_factory, teach
     assert again.global_step == 0
 
 
+def test_a_fresh_run_with_a_wrong_teacher_sha256_is_refused(teacher_file, tiny_student):
+    """`model.teacher_sha256` pins the teacher file in a new run too, not only when a checkpoint is loaded:
+    a digest that is not the file's is refused before anything trains; the file's own is accepted."""
+    digest = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"has sha256 {digest[:12]}... but this run was trained with 000000000000"):
+        DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), teacher_sha256="0" * 64)
+    module = DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), teacher_sha256=digest)
+    assert module.teacher_identity["sha256"] == digest
+
+
 def test_student_checkpoint_is_not_a_teacher(trainer_factory, teacher_file, tiny_student, tmp_path):
     dm = digits()
     trainer = trainer_factory(max_steps=1, limit_val_batches=0)
