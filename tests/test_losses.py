@@ -288,7 +288,15 @@ def test_invalid_arguments_name_the_field(kwargs, field):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_alpha_bounds_are_inclusive(alpha):
-    assert DistillationLoss(alpha=alpha).alpha == alpha
+    """alpha 0 and 1 are accepted and leave one term alone, against the hand-computed values above:
+    at 0 the ground truth's CE (no teacher needed), at 1 the soft term, with no gradient to the class head."""
+    (s_cls, s_dist), t, y = fixed()
+    s_cls.requires_grad_(True)
+    loss = DistillationLoss("soft", alpha=alpha, tau=TAU)
+    terms = loss((s_cls, s_dist), t if alpha else None, y)
+    assert terms.total.item() == approx(SOFT_BATCHMEAN if alpha else CE)
+    terms.total.backward()
+    assert (s_cls.grad.abs().max() == 0) == (alpha == 1.0)
 
 
 def test_config_round_trips():

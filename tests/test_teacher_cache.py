@@ -396,6 +396,28 @@ def test_two_processes_starting_together_build_the_shared_cache_once(tmp_path):
     assert builds.read_text().count("build") == 1
 
 
+def test_a_wait_for_another_build_of_the_same_shard_is_bounded_when_asked(tmp_path, monkeypatch):
+    """With DISTILL_CACHE_LOCK_TIMEOUT set, a process waiting for the lock on a shard another process
+    (here another open of the same file) is building gives up after that long, naming the holder; the
+    lock of another shard is free, and the lock is free again once released."""
+    import os
+    import time
+
+    from distill.teacher.cache import _build_lock
+
+    monkeypatch.setenv("DISTILL_CACHE_LOCK_TIMEOUT", "0.5")
+    with _build_lock(tmp_path, 0):
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=f"waited 0.5 s .* for process {os.getpid()} to finish building shard 0"):
+            with _build_lock(tmp_path, 0):
+                pass
+        assert 0.5 <= time.monotonic() - start < 5
+        with _build_lock(tmp_path, 1):  # another rank's shard
+            pass
+    with _build_lock(tmp_path, 0):  # released
+        pass
+
+
 def test_a_bfloat16_teacher_builds_and_verifies_its_cache(trainer_factory, tmp_path):
     """`teacher_dtype: bfloat16` on a float32 run (2x faster teacher forwards on CPUs with avx512_bf16):
     the manifest says the logits were computed in bfloat16, and verification allows for its rounding."""
