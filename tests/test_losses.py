@@ -165,9 +165,17 @@ def test_hard_uses_teacher_argmax():
 
 
 def test_hard_term_is_not_label_smoothed():
-    student, teacher, y = fixed()
-    smoothed = DistillationLoss("hard", alpha=ALPHA, label_smoothing=0.3)(student, teacher, y)
-    assert smoothed.distill.item() == approx(HARD)
+    """label_smoothing smooths the ground-truth CE only; the hard term stays the plain CE against the
+    teacher's argmax. Not on `fixed()`: there each teacher label's logit is its row's mean logit, where
+    smoothing changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    z_cls, z_dist, t = (torch.randn(6, 5, generator=g) for _ in range(3))
+    y = torch.randint(0, 5, (6,), generator=g)
+    terms = DistillationLoss("hard", alpha=ALPHA, label_smoothing=0.3)((z_cls, z_dist), t, y)
+    plain = F.cross_entropy(z_dist, t.argmax(1)).item()
+    assert abs(F.cross_entropy(z_dist, t.argmax(1), label_smoothing=0.3).item() - plain) > 1e-2  # it would show
+    assert terms.distill.item() == pytest.approx(plain, rel=1e-6)
+    assert terms.ce.item() == pytest.approx(F.cross_entropy(z_cls, y, label_smoothing=0.3).item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------- soft targets

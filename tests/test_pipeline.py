@@ -98,6 +98,26 @@ def test_pipeline_runs_both_steps_and_writes_summary(pipeline_run):
     assert (out / "student" / "config.yaml").is_file()
 
 
+def test_the_summary_takes_each_number_from_its_own_metric(tmp_path, monkeypatch, tiny_teacher_ckpt):
+    """Which metric lands where in summary.json, with training replaced by distinct numbers: the student's
+    five from step 2, the teacher's accuracy from step 1 or, step 1 skipped, from step 2's val/acc_teacher."""
+    import distill.commands.pipeline as pipeline
+
+    student = {"val/acc": 0.11, "val/acc_cls": 0.22, "val/acc_dist": 0.33, "val/acc_teacher": 0.44, "val/agreement": 0.55}
+
+    def run_step(config, args, root, score="best", resume=None):
+        if config.name == "teacher.yaml":
+            return str(root / "teacher.ckpt"), {"val/acc": 0.66}, 1.0
+        return str(root / "student.ckpt"), dict(student), 2.0
+
+    monkeypatch.setattr(pipeline, "run_step", run_step)
+    both = run_pipeline(str(REPO / "recipes/digits"), str(tmp_path / "both"))
+    assert both["teacher"]["val/acc"] == 0.66 and {k: both["student"][k] for k in student} == student
+    skipped = run_pipeline(str(REPO / "recipes/digits"), str(tmp_path / "skipped"), teacher_ckpt=str(tiny_teacher_ckpt))
+    assert skipped["teacher"]["skipped"] and skipped["teacher"]["val/acc"] == 0.44
+    assert json.loads((tmp_path / "skipped" / "summary.json").read_text())["teacher"]["val/acc"] == 0.44
+
+
 def test_the_revalidation_in_a_real_pipeline_log_is_not_an_epoch(pipeline_run):
     """The pipeline validates the chosen checkpoint again after training; in the metrics.csv Lightning writes,
     that row carries the epoch after the last one trained. tools/plot_run.py and tools/pipeline_seeds.py

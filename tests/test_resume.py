@@ -265,6 +265,34 @@ def test_last_checkpoint_is_the_last_state_when_the_metric_peaked_early(tmp_path
     assert (last["epoch"], last["global_step"]) == (2, 6)  # the end of the run, not the best epoch
 
 
+def test_last_checkpoint_follows_each_validation_inside_an_epoch(tmp_path, tiny_teacher_kwargs):
+    """Validation every 2 steps inside one epoch (val_check_interval 2), the monitored value tied from the
+    first on: after each validation `last.ckpt` holds that step, read at the next step's start (before the
+    end of training could write it), although Lightning writes no top-k checkpoint there."""
+    import lightning as L
+    from conftest import make_trainer
+    from helpers.probes import PeakAtFirstEpoch
+
+    from distill import ImageDataModule, TeacherModule
+    from distill.training.fault_tolerance import BestAndLastCheckpoint
+
+    folder = tmp_path / "checkpoints"
+    seen = {}
+
+    class LastAtBatchStart(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            last = folder / "last.ckpt"
+            seen[trainer.global_step] = load(last)["global_step"] if last.is_file() else None
+
+    checkpoint = BestAndLastCheckpoint(dirpath=folder, filename="best-{step}", monitor="val/probe_peak", mode="max",
+                                       save_last=True)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=1, val_check_interval=2,
+                           enable_checkpointing=True, callbacks=[PeakAtFirstEpoch(), LastAtBatchStart(), checkpoint])
+    trainer.fit(TeacherModule(**tiny_teacher_kwargs), ImageDataModule("digits", img_size=8, batch_size=32))
+    assert seen == {0: None, 1: None, 2: 2, 3: 2, 4: 4, 5: 4}
+    assert [p.name for p in folder.glob("best-*")] == ["best-step=2.ckpt"]  # the top-k file: the first validation
+
+
 # ------------------------------------------------------------------ in-process resume with workers
 def _fit_keyed_student(root: Path, max_epochs: int, tiny_student: dict, ckpt: Path | None = None,
                        save_after_epoch0: Path | None = None):

@@ -256,6 +256,44 @@ def test_logged_metric_names(trainer_factory, tiny_student):
     assert "val/acc_ema" not in metrics
 
 
+def _least_squares_head(layer: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    """`layer` set to the least-squares map from `feats` to one-hot `labels`: a head far from chance."""
+    a = torch.cat([feats, torch.ones(len(feats), 1)], 1)
+    solution = torch.linalg.lstsq(a, torch.nn.functional.one_hot(labels, layer.out_features).float()).solution
+    layer.weight.copy_(solution[:-1].T)
+    layer.bias.copy_(solution[-1])
+
+
+def test_validation_metrics_are_each_heads_accuracy_counted_by_hand(trainer_factory, tiny_student):
+    """val/acc (fused heads), val/acc_cls, val/acc_dist, val/acc_teacher and val/agreement (fused argmax vs
+    the teacher's) equal a count by hand on the validated batches. The heads are set by least squares to
+    predict the labels (class head, teacher) and the next label (distillation head), so they disagree and a
+    metric that read another head, or the student for the teacher, would show (checked first)."""
+    from distill.models.heads import student_heads
+    from helpers.by_hand import student_and_teacher_accuracies, validation_batches
+
+    L.seed_everything(0)
+    dm = digits(batch_size=64)
+    student = build_student(num_classes=10, img_size=8, in_chans=1, **tiny_student).eval()
+    teacher = bn_teacher(dm).eval()
+    batches = validation_batches(dm, 3)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        tokens = student.forward_features(x)
+        _least_squares_head(student.head, tokens[:, 0], y)
+        _least_squares_head(student.head_dist, tokens[:, 1], (y + 1) % 10)
+        _least_squares_head(teacher.head.fc, teacher.forward_head(teacher.forward_features(x), pre_logits=True), y)
+    module = DistillModule(student, teacher=teacher, loss=DistillationLoss("hard"))
+    metrics = trainer_factory(limit_val_batches=3).validate(module, dm, verbose=False)[0]
+    by_hand = student_and_teacher_accuracies(module.student, module.teacher, batches)
+    with torch.no_grad():  # what an agreement read from the distillation head alone would give
+        dist_agreement = float((student_heads(module.student, x)[1].argmax(-1) == module.teacher(x).argmax(-1)).float().mean())
+    assert len({by_hand["val/acc"], by_hand["val/acc_cls"], by_hand["val/acc_dist"], by_hand["val/acc_teacher"]}) == 4
+    assert dist_agreement != by_hand["val/agreement"]
+    for key, value in by_hand.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
 def test_ema_logs_acc_ema_and_copies_only_the_student(trainer_factory, tiny_student, tmp_path, accuracy_of):
     dm = digits()
     module = DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm), ema_decay=0.5, lr=1e-2,

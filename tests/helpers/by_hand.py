@@ -14,13 +14,14 @@ def validation_batches(datamodule, n_batches: int) -> list:
 
 
 @torch.no_grad()
-def student_and_teacher_accuracies(student_ckpt, teacher, batches) -> dict[str, float]:
+def student_and_teacher_accuracies(student, teacher, batches) -> dict[str, float]:
     """val/acc (fused heads), val/acc_cls, val/acc_dist, val/acc_teacher and val/agreement (fused argmax ==
-    teacher argmax) of a step-2 checkpoint and its `teacher` (a callable returning logits) on `batches`."""
+    teacher argmax) of a student (a step-2 checkpoint's path, or the network) and its `teacher` (a callable
+    returning logits) on `batches`."""
     from distill import load_student
     from distill.models.heads import student_heads
 
-    student = load_student(student_ckpt)
+    student = student.eval() if isinstance(student, torch.nn.Module) else load_student(student)
     counts = dict.fromkeys(("val/acc", "val/acc_cls", "val/acc_dist", "val/acc_teacher", "val/agreement"), 0)
     total = 0
     for x, y in batches:
