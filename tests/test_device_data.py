@@ -68,13 +68,32 @@ def test_ranks_split_the_epoch():
     assert all(len(i) == 8 for i in ids) and not set(ids[0]) & set(ids[1]) and not set(ids[1]) & set(ids[2])
 
 
-def test_mixup_on_device_batches():
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixup_on_device_batches(kind):
+    """timm's Mixup on the device loader's training batches, against the same batch unmixed: the targets
+    are the one-hot labels of the batch and of the batch reversed, weighed lam and 1 - lam (0 < lam < 1),
+    and the images the same mix (mixup: every pixel; cutmix: a box from the reversed batch covering 1 - lam
+    of each image)."""
+    import torch.nn.functional as F
     from timm.data import Mixup
 
     x, y = images(16)
-    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=10, label_smoothing=0.0)
+    np.random.seed(0)  # timm draws lam (and the box) from NumPy's global RNG
+    mix = Mixup(mixup_alpha=0.8 if kind == "mixup" else 0.0, cutmix_alpha=1.0 if kind == "cutmix" else 0.0,
+                num_classes=10, label_smoothing=0.0)
     xb, yb = next(iter(DeviceImageLoader(x, y, 8, MEAN, STD, mixup_fn=mix)))
-    assert yb.shape == (8, 10) and torch.allclose(yb.sum(-1), torch.ones(8))
+    xu, yu = next(iter(DeviceImageLoader(x, y, 8, MEAN, STD)))  # the same batch (seeded order), unmixed
+    one_hot = F.one_hot(yu, 10).float()
+    i = int(torch.nonzero(yu != yu.flip(0))[0])  # a sample paired with another class
+    lam = float(yb[i, yu[i]])
+    assert 0.0 < lam < 1.0
+    torch.testing.assert_close(yb, lam * one_hot + (1 - lam) * one_hot.flip(0))
+    if kind == "mixup":
+        torch.testing.assert_close(xb, lam * xu + (1 - lam) * xu.flip(0), atol=1e-5, rtol=0)
+    else:
+        own, other = (xb == xu).all(0).all(0), (xb == xu.flip(0)).all(0).all(0)  # (H, W): where each pixel is from
+        assert (own | other).all() and other.any()
+        assert float(other.float().mean()) == pytest.approx(1 - lam)
 
 
 def test_decode_uint8_fast_path_and_datamodule(trainer_factory):

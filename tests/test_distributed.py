@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,15 @@ DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 pytestmark = pytest.mark.slow
 
 
-def distill(*args: str, returncode: int = 0) -> subprocess.CompletedProcess:
+def distill(*args: str, returncode: int = 0, **extra_env: str) -> subprocess.CompletedProcess:
     # tests/helpers on the path: test callbacks (probes, killer) by class_path
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests" / "helpers")}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests" / "helpers"),
+           **extra_env}
     res = subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, env=env,
                          timeout=600, cwd=REPO)
-    assert res.returncode == returncode, res.stderr[-3000:]
+    # every process's error line first (the one that failed first is often not the last to write)
+    errors = [line for line in res.stderr.splitlines() if re.match(r"(\[rank\d+\]: )?\w+(Error|Exception): ", line)]
+    assert res.returncode == returncode, "\n".join([*errors, res.stderr[-3000:]])
     return res
 
 
@@ -178,12 +182,22 @@ def test_processes_draw_their_own_randomness_and_a_killed_run_resumes_bit_identi
 @pytest.mark.parametrize("loss", [["--model.init_args.loss.mode", "none"], ["--model.init_args.loss.alpha", "0.0"]],
                          ids=["none", "alpha0"])
 def test_student_with_an_unused_head_trains_under_ddp(single_teacher, tmp_path, loss):
+    root = tmp_path / "student"
     distill("fit", "--config", STUDENT, *COMMON, *DDP, *loss, "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
             "--model.init_args.student.depth", "1", "--model.init_args.student.embed_dim", "32",
             "--model.init_args.teacher", str(single_teacher / "checkpoints" / "last.ckpt"),
-            "--trainer.default_root_dir", str(tmp_path / "student"))
-    assert (tmp_path / "student" / "checkpoints" / "last.ckpt").is_file()
+            "--trainer.default_root_dir", str(root))
+    ckpt = load(root / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3  # every step trained
+    # each logged step's loss is the DeiT mix of its logged terms for this run's alpha (mode none: CE alone)
+    alpha = 0.0 if "none" in loss else float(loss[1])
+    rows = [r for r in csv.DictReader(open(root / "metrics.csv")) if r.get("train/loss")]
+    assert len(rows) == 3
+    for row in rows:
+        total, ce, term = (float(row[k]) for k in ("train/loss", "train/loss_ce", "train/loss_distill"))
+        assert total == pytest.approx((1 - alpha) * ce + alpha * term, rel=1e-5), row
+        assert (term == 0.0) == ("none" in loss or alpha == 0.0)  # no teacher term without a teacher
 
 
 def test_one_wandb_run_per_job_and_teacher_cache_sharded_by_process(single_teacher, tmp_path):
@@ -195,7 +209,10 @@ def test_one_wandb_run_per_job_and_teacher_cache_sharded_by_process(single_teach
             str(single_teacher / "checkpoints" / "last.ckpt"), "--data.keyed_views", "true",
             "--model.init_args.teacher_cache.dir", str(cache), "--logger", "wandb",
             "--trainer.default_root_dir", str(root)]
-    distill(*args)
+    # Each rank builds its own shard under its own lock, so no rank ever waits for another: were one rank
+    # to wait for a lock another rank of this job holds (in the barrier after its build), that wait gives
+    # up after 30 s with a message naming the lock, instead of hanging until the 600 s time-out.
+    distill(*args, DISTILL_CACHE_LOCK_TIMEOUT="30")
     assert len(list((root / "wandb").glob("offline-run-*"))) == 1  # rank zero logs, the other rank does not
     shards = sorted(p.name for p in cache.glob("shard-*.done.json"))
     assert shards == ["shard-0000-of-0002.done.json", "shard-0001-of-0002.done.json"]

@@ -191,6 +191,24 @@ def test_model_card_is_hub_yaml_with_lineage_accuracies_and_command(trained):
     assert "hf-hub:ORG/NAME" in text and "class-token head alone" in text
 
 
+def test_model_card_results_rows_read_their_own_metrics():
+    """Each row of the card's results table shows its own metric: the teacher row the teacher's
+    accuracy (`val/acc_teacher`), not the student's; every value distinct, so a row reading another
+    metric shows up. A teacher's card reads its top-1 and top-5."""
+    from distill.sharing.model_card import _results
+
+    metrics = {"val/acc_cls": 0.11, "val/acc_dist": 0.22, "val/acc": 0.33, "val/acc_top5": 0.44, "val/acc_ema": 0.55,
+               "val/agreement": 0.66, "val/acc_teacher": 0.77}
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].rstrip(" |")
+            for line in _results({"kind": "student", "metrics": metrics}).splitlines() if line.startswith("| ") and "%" in line}
+    assert rows == {"class token (`--head cls`)": "11.00%", "distillation token (`--head dist`)": "22.00%",
+                    "fused (`--head fused`, DeiT's evaluation)": "33.00%", "fused, top-5": "44.00%",
+                    "EMA of the student": "55.00%", "agreement with the teacher (fused vs. teacher argmax)": "66.00%",
+                    "teacher": "77.00%"}
+    teacher = _results({"kind": "teacher", "metrics": {"val/acc": 0.8, "val/acc_top5": 0.95, "val/acc_teacher": 0.1}})
+    assert "| top-1 | 80.00% |" in teacher and "| top-5 | 95.00% |" in teacher and "10.00%" not in teacher
+
+
 def test_export_writes_nothing_when_refused_or_when_the_check_fails(trained, tmp_path, monkeypatch):
     import distill.sharing.hf_export as hf_export
 
@@ -335,6 +353,25 @@ def test_round_trip_local_dir_as_step2_teacher_and_as_pretrained_student(trained
         moved.rename(trained.student["fused"])
 
 
+def test_a_bicubic_teacher_exported_and_reloaded_keeps_its_interpolation(trained, tmp_path):
+    """A teacher whose step 1 resized with bicubic: its export records it (timm's pretrained_cfg) and the
+    step-2 teacher read back through `local-dir:` resizes the student's batch with bicubic too."""
+    from distill import FrozenTeacher
+
+    obj = torch.load(trained.teacher_ckpt, map_location="cpu", weights_only=True)
+    obj["hyper_parameters"]["input_interpolation"] = "bicubic"  # what a step 1 with data.interpolation bicubic records
+    torch.save(obj, tmp_path / "bicubic.ckpt")
+    export_hf(tmp_path / "bicubic.ckpt", tmp_path / "export", wandb_link=False)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]["interpolation"] == "bicubic"
+    for source in (tmp_path / "bicubic.ckpt", f"local-dir:{tmp_path / 'export'}"):
+        teacher = FrozenTeacher.load(source)
+        teacher.adapt_to([0.5], [0.25], 1)
+        assert teacher.input.interpolation == "bicubic", source
+    # the sha256 the student recorded pins the folder's weights as it pins a file
+    with pytest.raises(ValueError, match="has weights with sha256 .* but this run was trained with 000000000000"):
+        FrozenTeacher.load(f"local-dir:{tmp_path / 'export'}", expected_sha256="0" * 64)
+
+
 def test_teacher_module_fine_tunes_from_local_dir_and_its_checkpoint_stands_alone(trained, tmp_path):
     module = TeacherModule(f"local-dir:{trained.teacher}", lr=1e-3)
     data = ImageDataModule("synthetic", img_size=12, batch_size=8, num_samples=32, num_classes_synthetic=4,
@@ -425,8 +462,9 @@ def hub_api(monkeypatch):
         calls.append(("create_repo", repo_id, kwargs))
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, **kwargs):
-        calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+    def upload_folder(self, **kwargs):  # records the card as it is at upload time
+        card = Path(kwargs["folder_path"]) / "README.md"
+        calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "card": card.read_text(encoding="utf-8")}))
         return "commit"
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -484,6 +522,9 @@ def test_push_creates_the_repo_then_uploads_the_folder_in_one_commit(trained, tm
     (c_name, c_repo, c_kw), (u_name, u_repo, u_kw) = hub_api
     assert (c_name, c_repo, c_kw["private"], c_kw["exist_ok"]) == ("create_repo", "me/digits-student", True, True)
     assert (u_name, u_repo, Path(u_kw["folder_path"])) == ("upload_folder", "me/digits-student", folder)
+    # the uploaded card already names the repository (named before the upload, not after it)
+    assert 'timm.create_model("hf-hub:me/digits-student", pretrained=True)' in u_kw["card"]
+    assert "ORG/NAME" not in u_kw["card"]
     card = (folder / "README.md").read_text()
     assert 'timm.create_model("hf-hub:me/digits-student", pretrained=True)' in card and "ORG/NAME" not in card
 

@@ -165,9 +165,17 @@ def test_hard_uses_teacher_argmax():
 
 
 def test_hard_term_is_not_label_smoothed():
-    student, teacher, y = fixed()
-    smoothed = DistillationLoss("hard", alpha=ALPHA, label_smoothing=0.3)(student, teacher, y)
-    assert smoothed.distill.item() == approx(HARD)
+    """label_smoothing smooths the ground-truth CE only; the hard term stays the plain CE against the
+    teacher's argmax. Not on `fixed()`: there each teacher label's logit is its row's mean logit, where
+    smoothing changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    z_cls, z_dist, t = (torch.randn(6, 5, generator=g) for _ in range(3))
+    y = torch.randint(0, 5, (6,), generator=g)
+    terms = DistillationLoss("hard", alpha=ALPHA, label_smoothing=0.3)((z_cls, z_dist), t, y)
+    plain = F.cross_entropy(z_dist, t.argmax(1)).item()
+    assert abs(F.cross_entropy(z_dist, t.argmax(1), label_smoothing=0.3).item() - plain) > 1e-2  # it would show
+    assert terms.distill.item() == pytest.approx(plain, rel=1e-6)
+    assert terms.ce.item() == pytest.approx(F.cross_entropy(z_cls, y, label_smoothing=0.3).item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------- soft targets
@@ -288,7 +296,15 @@ def test_invalid_arguments_name_the_field(kwargs, field):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_alpha_bounds_are_inclusive(alpha):
-    assert DistillationLoss(alpha=alpha).alpha == alpha
+    """alpha 0 and 1 are accepted and leave one term alone, against the hand-computed values above:
+    at 0 the ground truth's CE (no teacher needed), at 1 the soft term, with no gradient to the class head."""
+    (s_cls, s_dist), t, y = fixed()
+    s_cls.requires_grad_(True)
+    loss = DistillationLoss("soft", alpha=alpha, tau=TAU)
+    terms = loss((s_cls, s_dist), t if alpha else None, y)
+    assert terms.total.item() == approx(SOFT_BATCHMEAN if alpha else CE)
+    terms.total.backward()
+    assert (s_cls.grad.abs().max() == 0) == (alpha == 1.0)
 
 
 def test_config_round_trips():
@@ -759,7 +775,8 @@ def test_stronger_losses_in_a_distill_module_fit(name, trainer_factory, tiny_tea
     """DKD, DIST and KL on standardised logits as a DistillModule trains with them: at each step the loss
     gets the student's two heads in order, the live teacher's logits on the batch and the labels; its
     distillation term is the authors' formula on them, and DKD's warm-up (3 epochs) weighs it 1/3, 2/3,
-    1 in epochs 0, 1, 2 (`on_train_epoch_start` -> `loss.set_epoch`)."""
+    1 in epochs 0, 1, 2 (`on_train_epoch_start` -> `loss.set_epoch`). Two batches an epoch, so that the
+    epoch and the step count differ: a warm-up read from the step would weigh epoch 1 by 3/3."""
     import lightning as L
 
     from distill import DistillModule, ImageDataModule, StudentConfig
@@ -776,11 +793,12 @@ def test_stronger_losses_in_a_distill_module_fit(name, trainer_factory, tiny_tea
                 heads.append(pl_module.student(batch[0]))
 
     seen = LossInputs()
-    trainer_factory(max_epochs=3, limit_train_batches=1, limit_val_batches=0, callbacks=[Heads(), seen]).fit(
+    trainer_factory(max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[Heads(), seen]).fit(
         module, ImageDataModule("digits", img_size=8, batch_size=32))
-    assert len(seen.calls) == len(heads) == 3
+    assert len(seen.calls) == len(heads) == 6
     alpha = settings["alpha"]
-    for epoch, (call, (x, y), (z_cls, z_dist)) in enumerate(zip(seen.calls, seen.batches, heads)):
+    for step, (call, (x, y), (z_cls, z_dist)) in enumerate(zip(seen.calls, seen.batches, heads)):
+        epoch = step // 2
         assert isinstance(call["student"], tuple)
         torch.testing.assert_close(call["student"][0], z_cls, msg=f"epoch {epoch}: class head")
         torch.testing.assert_close(call["student"][1], z_dist, msg=f"epoch {epoch}: distillation head")

@@ -59,6 +59,16 @@ def test_gradient_accumulation_counts_optimizer_steps(trainer_factory, tiny_teac
     assert lrs[-1] < 0.05 * LR
 
 
+def test_an_odd_number_of_batches_under_accumulation_rounds_the_epoch_up(trainer_factory, tiny_teacher_kwargs):
+    """7 batches with accumulation 2: Lightning steps after batches 2, 4, 6 and the epoch's last, 7, so
+    an epoch is 4 optimizer steps and one epoch of warm-up peaks at step 4 (3 would be rounding down)."""
+    trainer, lrs = fit(trainer_factory, tiny_teacher_kwargs, max_epochs=3, accumulate_grad_batches=2,
+                       limit_train_batches=7)
+    assert trainer.global_step == 12 and len(lrs) == 12
+    assert max(range(len(lrs)), key=lrs.__getitem__) == 4
+    assert lrs[3] == pytest.approx(LR * 4 / 5) and lrs[4] == pytest.approx(LR)  # (step + 1) / (warm-up + 1)
+
+
 def test_warmup_start_and_cooldown(trainer_factory, tiny_teacher_kwargs):
     trainer, lrs = fit(trainer_factory, tiny_teacher_kwargs, max_epochs=6, warmup_start_ratio=0.1,
                        cooldown_epochs=2)

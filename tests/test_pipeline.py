@@ -75,18 +75,47 @@ def test_pipeline_trains_on_any_image_folder(tmp_path, mode, size, classes):
 
 
 def test_pipeline_runs_both_steps_and_writes_summary(pipeline_run):
+    from distill import FrozenTeacher, ImageDataModule
+    from helpers.by_hand import student_and_teacher_accuracies, validation_batches
+
     out, summary = pipeline_run
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["teacher"]["checkpoint"] == summary["teacher"]["checkpoint"]
-    for key in ("val/acc", "val/acc_cls", "val/acc_dist", "val/acc_teacher", "val/agreement"):
-        assert 0.0 <= on_disk["student"][key] <= 1.0, key
-    assert 0.0 <= on_disk["teacher"]["val/acc"] <= 1.0
+    # the summary's numbers are those of the chosen checkpoints, counted by hand on the validated batches
+    # (limit_val_batches 2 of the digits recipe's 64): student heads, teacher, agreement; step 1's teacher
+    # accuracy is the one step 2 measures on the same images
+    batches = validation_batches(ImageDataModule("digits", img_size=8, batch_size=64), 2)
+    teacher = FrozenTeacher.load(on_disk["teacher"]["checkpoint"])
+    by_hand = student_and_teacher_accuracies(on_disk["student"]["checkpoint"], teacher, batches)
+    for key, value in by_hand.items():
+        assert on_disk["student"][key] == pytest.approx(value, abs=1e-6), key
+    assert on_disk["teacher"]["val/acc"] == pytest.approx(by_hand["val/acc_teacher"], abs=1e-6)
     assert on_disk["seconds"] > 0
     # step 2 used step 1's best checkpoint
     ckpt = torch.load(on_disk["student"]["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["teacher"] == str(Path(on_disk["teacher"]["checkpoint"]).resolve())
     assert (out / "teacher" / "metrics.csv").is_file() and (out / "student" / "metrics.csv").is_file()
     assert (out / "student" / "config.yaml").is_file()
+
+
+def test_the_summary_takes_each_number_from_its_own_metric(tmp_path, monkeypatch, tiny_teacher_ckpt):
+    """Which metric lands where in summary.json, with training replaced by distinct numbers: the student's
+    five from step 2, the teacher's accuracy from step 1 or, step 1 skipped, from step 2's val/acc_teacher."""
+    import distill.commands.pipeline as pipeline
+
+    student = {"val/acc": 0.11, "val/acc_cls": 0.22, "val/acc_dist": 0.33, "val/acc_teacher": 0.44, "val/agreement": 0.55}
+
+    def run_step(config, args, root, score="best", resume=None):
+        if config.name == "teacher.yaml":
+            return str(root / "teacher.ckpt"), {"val/acc": 0.66}, 1.0
+        return str(root / "student.ckpt"), dict(student), 2.0
+
+    monkeypatch.setattr(pipeline, "run_step", run_step)
+    both = run_pipeline(str(REPO / "recipes/digits"), str(tmp_path / "both"))
+    assert both["teacher"]["val/acc"] == 0.66 and {k: both["student"][k] for k in student} == student
+    skipped = run_pipeline(str(REPO / "recipes/digits"), str(tmp_path / "skipped"), teacher_ckpt=str(tiny_teacher_ckpt))
+    assert skipped["teacher"]["skipped"] and skipped["teacher"]["val/acc"] == 0.44
+    assert json.loads((tmp_path / "skipped" / "summary.json").read_text())["teacher"]["val/acc"] == 0.44
 
 
 def test_the_revalidation_in_a_real_pipeline_log_is_not_an_epoch(pipeline_run):

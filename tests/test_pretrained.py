@@ -213,6 +213,8 @@ def test_plain_vit_initialises_a_distilled_student(weights, tmp_path):
     for key, value in plain_sd.items():
         if key != "pos_embed":
             assert torch.equal(sd[key], value), key  # the class head too: same classes
+    for key in ("head_dist.weight", "head_dist.bias"):  # a new classifier on pretrained features starts at 0
+        assert sd[key].shape[0] == 10 and torch.count_nonzero(sd[key]) == 0, key
     # ... and back: a distilled student's weights into a one-head ViT drop the token and second head
     one_head = build_student(num_classes=10, img_size=8, in_chans=1, distilled=False, pretrained=weights["student"]["pth"],
                              **SIZES)

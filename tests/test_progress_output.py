@@ -2,6 +2,7 @@
 Lightning's progress bar on a terminal, and the user's `trainer.enable_progress_bar` above both."""
 from __future__ import annotations
 
+import csv
 import io
 import os
 import re
@@ -24,9 +25,9 @@ def test_a_log_file_gets_one_line_per_epoch_and_no_carriage_returns(tmp_path):
     with open(log, "w") as out:
         res = subprocess.run([sys.executable, "-m", "distill.cli", "fit", *TINY, "--trainer.max_epochs", "3",
                               "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
-                              "--trainer.check_val_every_n_epoch", "2", "--trainer.default_root_dir",
-                              str(tmp_path / "run")], stdout=out, stderr=subprocess.PIPE, env=env, timeout=600,
-                             cwd=tmp_path)
+                              "--trainer.check_val_every_n_epoch", "2", "--trainer.log_every_n_steps", "1",
+                              "--trainer.default_root_dir", str(tmp_path / "run")], stdout=out, stderr=subprocess.PIPE,
+                             env=env, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:].decode()
     text = log.read_bytes().decode()  # as written: text mode would read carriage returns as newlines
     assert "\r" not in text and b"\r" not in res.stderr  # no progress-bar refreshes
@@ -39,6 +40,16 @@ def test_a_log_file_gets_one_line_per_epoch_and_no_carriage_returns(tmp_path):
                         lines[1]), lines[1]
     assert "val/acc" not in lines[2] and lines[2].startswith("[teacher] epoch 3/3  step 12  train/loss ")
     assert len(text.splitlines()) < 20  # the epoch lines, the run summary, little else
+    # the numbers: each line's loss is the mean of its epoch's 4 step losses, its val/acc the validation's,
+    # as the CSV logger recorded them step by step
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    for epoch, line in enumerate(lines):
+        losses = [float(r["train/loss"]) for r in rows if r.get("train/loss") and int(r["epoch"]) == epoch]
+        assert len(losses) == 4
+        printed = float(re.search(r"train/loss (\S+)", line).group(1))
+        assert printed == pytest.approx(sum(losses) / 4, abs=6e-5), (line, losses)
+    (val,) = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert f"val/acc {val:.4f}" in lines[1]
 
 
 class Terminal(io.StringIO):

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -165,6 +166,37 @@ def test_resume_with_another_number_of_processes_warns_and_reseeds(monkeypatch):
         assert all(a != b for a, b in zip(other, first))
 
 
+@pytest.mark.parametrize("saved_world", [2, 3])
+def test_a_resumed_process_keeps_its_restored_stream_at_fit_start(monkeypatch, saved_world):
+    """Rank 1 of 2 resumes (Lightning restores the callbacks' states before `on_fit_start`): from a
+    checkpoint of 2 processes it continues its own saved stream, from one of 3 it reseeds from (seed,
+    rank, step). Either way fit start must not reseed it again with the fresh run's seed + rank."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    states = []
+    for seed in range(saved_world):
+        torch.manual_seed(100 + seed), np.random.seed(100 + seed), random.seed(100 + seed)
+        states.append(rng_state())
+    saved = {"world_size": saved_world, "ranks": states, "global_step": 4}
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    def resume(fit_start: bool):
+        cb = ResumeState()
+        cb.setup(_fake_trainer(1, 2, 4), None, "fit")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the world-size warning: another test's subject
+            cb.load_state_dict(saved)
+        if fit_start:
+            cb.on_fit_start(_fake_trainer(1, 2, 4), None)
+        return draws()
+
+    restored = resume(fit_start=False)  # what the checkpoint's state (or the (seed, rank, step) reseed) gives
+    assert resume(fit_start=True) == restored
+    torch.manual_seed(5 + 1), np.random.seed(5 + 1), random.seed(5 + 1)
+    assert draws() != restored  # the fresh per-rank seed would draw something else
+
+
 def test_each_process_takes_its_own_state_from_the_checkpoint():
     states = []
     for seed in (1, 2):
@@ -288,6 +320,34 @@ def test_last_checkpoint_holds_the_epochs_trained_after_the_last_validation(tmp_
     resumed = _fit_teacher_validated_every_2(tmp_path / "resumed", ckpt=after_epoch2)
     assert load(resumed / "last.ckpt")["global_step"] == 10
     assert_same_weights(last, load(resumed / "last.ckpt"))
+
+
+def test_last_checkpoint_follows_each_validation_inside_an_epoch(tmp_path, tiny_teacher_kwargs):
+    """Validation every 2 steps inside one epoch (val_check_interval 2), the monitored value tied from the
+    first on: after each validation `last.ckpt` holds that step, read at the next step's start (before the
+    end of training could write it), although Lightning writes no top-k checkpoint there."""
+    import lightning as L
+    from conftest import make_trainer
+    from helpers.probes import PeakAtFirstEpoch
+
+    from distill import ImageDataModule, TeacherModule
+    from distill.training.fault_tolerance import BestAndLastCheckpoint
+
+    folder = tmp_path / "checkpoints"
+    seen = {}
+
+    class LastAtBatchStart(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            last = folder / "last.ckpt"
+            seen[trainer.global_step] = load(last)["global_step"] if last.is_file() else None
+
+    checkpoint = BestAndLastCheckpoint(dirpath=folder, filename="best-{step}", monitor="val/probe_peak", mode="max",
+                                       save_last=True)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=1, val_check_interval=2,
+                           enable_checkpointing=True, callbacks=[PeakAtFirstEpoch(), LastAtBatchStart(), checkpoint])
+    trainer.fit(TeacherModule(**tiny_teacher_kwargs), ImageDataModule("digits", img_size=8, batch_size=32))
+    assert seen == {0: None, 1: None, 2: 2, 3: 2, 4: 4, 5: 4}
+    assert [p.name for p in folder.glob("best-*")] == ["best-step=2.ckpt"]  # the top-k file: the first validation
 
 
 # ------------------------------------------------------------------ in-process resume with workers

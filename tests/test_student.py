@@ -208,6 +208,16 @@ def test_resume_reloads_teacher_and_refuses_a_changed_one(trainer_factory, teach
     assert again.global_step == 0
 
 
+def test_a_fresh_run_with_a_wrong_teacher_sha256_is_refused(teacher_file, tiny_student):
+    """`model.teacher_sha256` pins the teacher file in a new run too, not only when a checkpoint is loaded:
+    a digest that is not the file's is refused before anything trains; the file's own is accepted."""
+    digest = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"has sha256 {digest[:12]}... but this run was trained with 000000000000"):
+        DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), teacher_sha256="0" * 64)
+    module = DistillModule(StudentConfig(**tiny_student), teacher=str(teacher_file), teacher_sha256=digest)
+    assert module.teacher_identity["sha256"] == digest
+
+
 def test_student_checkpoint_is_not_a_teacher(trainer_factory, teacher_file, tiny_student, tmp_path):
     dm = digits()
     trainer = trainer_factory(max_steps=1, limit_val_batches=0)
@@ -246,15 +256,68 @@ def test_logged_metric_names(trainer_factory, tiny_student):
     assert "val/acc_ema" not in metrics
 
 
-def test_ema_logs_acc_ema_and_copies_only_the_student(trainer_factory, tiny_student, tmp_path):
+def _least_squares_head(layer: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    """`layer` set to the least-squares map from `feats` to one-hot `labels`: a head far from chance."""
+    a = torch.cat([feats, torch.ones(len(feats), 1)], 1)
+    solution = torch.linalg.lstsq(a, torch.nn.functional.one_hot(labels, layer.out_features).float()).solution
+    layer.weight.copy_(solution[:-1].T)
+    layer.bias.copy_(solution[-1])
+
+
+def test_validation_metrics_are_each_heads_accuracy_counted_by_hand(trainer_factory, tiny_student):
+    """val/acc (fused heads), val/acc_cls, val/acc_dist, val/acc_teacher and val/agreement (fused argmax vs
+    the teacher's) equal a count by hand on the validated batches. The heads are set by least squares to
+    predict the labels (class head, teacher) and the next label (distillation head), so they disagree and a
+    metric that read another head, or the student for the teacher, would show (checked first)."""
+    from distill.models.heads import student_heads
+    from helpers.by_hand import student_and_teacher_accuracies, validation_batches
+
+    L.seed_everything(0)
+    dm = digits(batch_size=64)
+    student = build_student(num_classes=10, img_size=8, in_chans=1, **tiny_student).eval()
+    teacher = bn_teacher(dm).eval()
+    batches = validation_batches(dm, 3)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        tokens = student.forward_features(x)
+        _least_squares_head(student.head, tokens[:, 0], y)
+        _least_squares_head(student.head_dist, tokens[:, 1], (y + 1) % 10)
+        _least_squares_head(teacher.head.fc, teacher.forward_head(teacher.forward_features(x), pre_logits=True), y)
+    module = DistillModule(student, teacher=teacher, loss=DistillationLoss("hard"))
+    metrics = trainer_factory(limit_val_batches=3).validate(module, dm, verbose=False)[0]
+    by_hand = student_and_teacher_accuracies(module.student, module.teacher, batches)
+    with torch.no_grad():  # what an agreement read from the distillation head alone would give
+        dist_agreement = float((student_heads(module.student, x)[1].argmax(-1) == module.teacher(x).argmax(-1)).float().mean())
+    assert len({by_hand["val/acc"], by_hand["val/acc_cls"], by_hand["val/acc_dist"], by_hand["val/acc_teacher"]}) == 4
+    assert dist_agreement != by_hand["val/agreement"]
+    for key, value in by_hand.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_ema_logs_acc_ema_and_copies_only_the_student(trainer_factory, tiny_student, tmp_path, accuracy_of):
     dm = digits()
     module = DistillModule(StudentConfig(**tiny_student), teacher=bn_teacher(dm), ema_decay=0.5, lr=1e-2,
                            warmup_epochs=0)
-    trainer = trainer_factory(max_steps=3, limit_val_batches=2, val_check_interval=3)
+    after_step = []
+
+    class Weights(L.Callback):  # the student's weights after each optimizer step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after_step.append(snapshot(pl_module.student))
+
+    trainer = trainer_factory(max_steps=3, limit_val_batches=2, val_check_interval=3, callbacks=[Weights()])
     trainer.fit(module, dm)
-    assert "val/acc_ema" in trainer.callback_metrics
-    assert 0.0 <= float(trainer.callback_metrics["val/acc_ema"]) <= 1.0
     ema = module.student_ema.module
+    # the average by hand, as timm's ModelEmaV3 counts steps from 1: the first update copies the
+    # weights, each later one keeps half (decay 0.5) of the average
+    assert len(after_step) == 3
+    expected = after_step[0]
+    for weights in after_step[1:]:
+        expected = {k: 0.5 * expected[k] + 0.5 * v if v.is_floating_point() else v for k, v in weights.items()}
+    for key, value in ema.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    # val/acc_ema is that average's accuracy on the two validation batches, counted by hand
+    batches = list(dm.val_dataloader())[:2]
+    assert float(trainer.callback_metrics["val/acc_ema"]) == pytest.approx(accuracy_of(ema, batches), abs=1e-6)
     assert isinstance(ema, VisionTransformerDistilled) and ema is not module.student
     assert ema.state_dict().keys() == module.student.state_dict().keys()
     assert sum(p.numel() for p in ema.parameters()) == sum(p.numel() for p in module.student.parameters())
@@ -432,7 +495,15 @@ def test_teacher_at_its_own_resolution_sees_its_step1_input(tmp_path, interpolat
 
 def test_teacher_with_other_mean_std_size_and_channels_gets_converted_input(trainer_factory, tiny_student):
     """Synthetic RGB 8x8 data, three classes (so no top-5), and a grayscale teacher trained at 16x16 with
-    other statistics: the teacher must receive 1-channel 16x16 input in its own normalisation."""
+    other statistics: the teacher must receive 1-channel 16x16 input in its own normalisation, which is
+    what PIL makes of the image: gray by ITU-R 601-2 luma, resized with bilinear (the teacher's
+    interpolation). PIL resizes here in float (mode F), the teacher's input is stored as uint8 levels
+    after each of its two passes, so they differ by at most one level anywhere, whatever the images.
+
+    Seeded: the first batch is a shuffle drawn from torch's global RNG (random at process start)."""
+    from PIL import Image
+
+    L.seed_everything(0)
     dm = ImageDataModule("synthetic", img_size=8, batch_size=8, num_samples=32, num_classes_synthetic=3,
                          in_chans_synthetic=3, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
     teacher = build_teacher("cifar_resnet10", 3, in_chans=1, img_size=16, mean=[0.45], std=[0.3],
@@ -456,16 +527,14 @@ def test_teacher_with_other_mean_std_size_and_channels_gets_converted_input(trai
     assert t_in.shape == (8, 1, 16, 16)
     mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
     std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
-    gray = (x * std + mean).mul(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    expected_small = (gray - 0.45) / 0.3
-    # resizing 8 -> 16 keeps the mean of each 2x2 block close to the source pixel; compare block means
-    blocks = torch.nn.functional.avg_pool2d(t_in, 2)
-    assert blocks.shape == expected_small.shape
-    torch.testing.assert_close(blocks.mean(), expected_small.mean(), atol=1e-4, rtol=0)
-    corr = torch.corrcoef(torch.stack([blocks.flatten(), expected_small.flatten()]))[0, 1]
-    assert corr > 0.9
-    # and exactly the conversion TeacherInput is documented to do
-    torch.testing.assert_close(t_in, module.teacher.input(x))
+    gray = (x * std + mean).mul(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)  # (8, 8, 8) in [0, 1]
+    by_pil = torch.stack([torch.from_numpy(np.array(
+        Image.fromarray((255 * g).numpy(), mode="F").resize((16, 16), Image.BILINEAR))) for g in gray])
+    levels = (t_in[:, 0] * 0.3 + 0.45) * 255  # the teacher's input back in 0-255 levels
+    diff = (levels - by_pil).abs()
+    print(f"teacher input vs PIL: max {diff.max():.3f} levels, mean {diff.mean():.3f}")
+    assert diff.max() <= 1.0 + 1e-3, f"max {diff.max():.3f} levels"
+    assert torch.allclose(levels, levels.round(), atol=1e-3)  # uint8 levels, as step 1 stored its images
     assert "val/acc_teacher" in trainer.callback_metrics and "val/acc_top5" not in trainer.callback_metrics
 
 

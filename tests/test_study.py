@@ -509,6 +509,26 @@ def test_a_given_teacher_that_changed_starts_the_study_over(tmp_path, monkeypatc
     assert results["runs"][0]["teacher_sha256"] == study_runs.sha256_of(teacher)
 
 
+def test_the_study_itself_drops_the_runs_of_a_changed_given_teacher(tmp_path, monkeypatch):
+    """run_study, not only the merge into results.json, keeps a former teacher's runs out: resumed from the
+    results of the first teacher with --teacher_ckpt now holding another one, the runs and the table it
+    returns hold the new teacher's run alone."""
+    trained = []
+    fake_study(tmp_path, monkeypatch, trained)
+    teacher = tmp_path / "given.ckpt"
+    torch.save({"distill_run": {"metrics": {"val/acc": 0.8}}}, teacher)
+    runs, recipe = tmp_path / "study" / "runs", str(REPO / "recipes/digits")
+    first = study_runs.run_study(recipe, ["none"], 2, runs, [], "cmd", teacher_ckpt=str(teacher))
+    assert [(row["variant"], row["n"]) for row in first["table"]] == [("none", 2)]
+    torch.save({"distill_run": {"metrics": {"val/acc": 0.7}}}, teacher)  # another teacher in the same file
+    new_sha = study_runs.sha256_of(teacher)
+    second = study_runs.run_study(recipe, ["none"], 1, runs, [], "cmd", previous=first, teacher_ckpt=str(teacher))
+    assert trained == ["none-seed0", "none-seed1", "none-seed0"]
+    assert [(r["variant"], r["seed"], r["teacher_sha256"]) for r in second["runs"]] == [("none", 0, new_sha)]
+    assert [(row["variant"], row["n"]) for row in second["table"]] == [("none", 1)]
+    assert second["teacher"]["sha256"] == new_sha and second["teacher"]["val/acc"] == 0.7
+
+
 def interrupted_run(tmp_path, monkeypatch, calls: list, recorded_edit=None, after_write=None):
     """A study whose none-seed0 was interrupted after epoch 2 (its last checkpoint, config.yaml and the
     metrics of epochs 0-3 on disk); `recorded_edit(config)` changes the config.yaml it recorded,

@@ -192,16 +192,51 @@ def test_stale_cache_is_refused(built, trainer_factory, change, match):
         _fit(trainer_factory, built["dir"], teacher, **change)
 
 
-def test_cache_that_disagrees_with_live_teacher_is_refused(built, trainer_factory, tmp_path):
+@pytest.mark.parametrize("tamper", ["sign", "one_percent", "none"])
+def test_cache_that_disagrees_with_live_teacher_is_refused(built, trainer_factory, tmp_path, tamper):
+    """Same manifest, other numbers: logits of the other sign, or 1% off (10 times float16's rounding,
+    so more than its storage explains), are refused; the stored numbers as they are pass."""
     import shutil
 
     copy_dir = tmp_path / "tampered"
     shutil.copytree(built["dir"], copy_dir)
     values = np.load(copy_dir / "view-00000" / "shard-0000-of-0001.values.npy", mmap_mode="r+")
-    values[:] = -values[:]  # same manifest, wrong numbers
+    if tamper == "sign":
+        values[:] = -values[:]
+    elif tamper == "one_percent":
+        values[:] = values[:] * np.float16(1.01)
     values.flush()
+    if tamper == "none":
+        module = _fit(trainer_factory, copy_dir, tiny_teacher(in_chans=1))[0]
+        assert module.teacher.cache.to_verify == 0  # verified against the live teacher, and accepted
+        return
     with pytest.raises(ValueError, match="disagrees with the live teacher"):
         _fit(trainer_factory, copy_dir, tiny_teacher(in_chans=1))
+
+
+def _float32_cache(directory, live: torch.Tensor, precision: str) -> TeacherCache:
+    keys = np.stack([np.arange(len(live)), np.zeros(len(live), dtype=np.int64)], 1)
+    build_cache(directory, lambda x: x, [(live, None, keys)], num_samples=len(live), num_classes=live.shape[1],
+                topk=None, dtype="float32")
+    write_manifest(directory, {"precision": precision}, num_samples=len(live), num_classes=live.shape[1], views=1,
+                   topk=None, dtype="float32", world_size=1)
+    return TeacherCache(directory)
+
+
+def test_a_float32_cache_one_percent_off_is_refused_unless_a_16_bit_pass_explains_it(tmp_path):
+    """Verification's tolerance follows the precision: a float32 cache of a float32 run must match the
+    live teacher to float32 rounding (1% noise is refused), while a 16-bit pass on either side allows for
+    bfloat16's rounding (~0.4% a step, so 1% passes)."""
+    g = torch.Generator().manual_seed(0)
+    live = torch.randn(64, 10, generator=g) * 3
+    noisy = live * (1 + 0.01 * torch.randn(live.shape, generator=g))
+    cache = _float32_cache(tmp_path / "f32", live, "32-true")
+    keys = np.stack([np.arange(64), np.zeros(64, dtype=np.int64)], 1)
+    cache.verify(cache.logits(keys), live, "32-true")  # its own numbers pass
+    with pytest.raises(ValueError, match="disagrees with the live teacher"):
+        cache.verify(noisy, live, "32-true")
+    cache.verify(noisy, live, "32-true, teacher bfloat16")  # the live pass in bfloat16
+    _float32_cache(tmp_path / "bf16", live, "bf16-mixed").verify(noisy, live, "32-true")  # built in bf16
 
 
 def test_cache_refuses_mixup_and_unkeyed_data(built, trainer_factory):
@@ -381,6 +416,28 @@ def test_two_processes_starting_together_build_the_shared_cache_once(tmp_path):
     assert builds.read_text().count("build") == 1
 
 
+def test_a_wait_for_another_build_of_the_same_shard_is_bounded_when_asked(tmp_path, monkeypatch):
+    """With DISTILL_CACHE_LOCK_TIMEOUT set, a process waiting for the lock on a shard another process
+    (here another open of the same file) is building gives up after that long, naming the holder; the
+    lock of another shard is free, and the lock is free again once released."""
+    import os
+    import time
+
+    from distill.teacher.cache import _build_lock
+
+    monkeypatch.setenv("DISTILL_CACHE_LOCK_TIMEOUT", "0.5")
+    with _build_lock(tmp_path, 0):
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=f"waited 0.5 s .* for process {os.getpid()} to finish building shard 0"):
+            with _build_lock(tmp_path, 0):
+                pass
+        assert 0.5 <= time.monotonic() - start < 5
+        with _build_lock(tmp_path, 1):  # another rank's shard
+            pass
+    with _build_lock(tmp_path, 0):  # released
+        pass
+
+
 def test_a_bfloat16_teacher_builds_and_verifies_its_cache(trainer_factory, tmp_path):
     """`teacher_dtype: bfloat16` on a float32 run (2x faster teacher forwards on CPUs with avx512_bf16):
     the manifest says the logits were computed in bfloat16, and verification allows for its rounding."""
@@ -389,8 +446,12 @@ def test_a_bfloat16_teacher_builds_and_verifies_its_cache(trainer_factory, tmp_p
                            teacher_dtype="bfloat16", teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache"),
                                                                                       verify_batches=3))
     trainer_factory(max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(module, dm)
-    assert TeacherCache(tmp_path / "cache").manifest["precision"] == "32-true, teacher bfloat16"
+    manifest = TeacherCache(tmp_path / "cache").manifest
+    assert manifest["precision"] == "32-true, teacher bfloat16"
     assert module.teacher.cache.to_verify == 0 and module.teacher.cache.precision == "32-true, teacher bfloat16"
+    # the teacher is identified by its float32 weights (the file's), not by the bfloat16 copy it runs as
+    assert manifest["teacher"]["weights_sha256"] == weights_sha256(tiny_teacher(in_chans=1))
+    assert {p.dtype for p in module.teacher.parameters()} == {torch.bfloat16}
 
 
 def test_views_are_built_when_an_epoch_first_reads_them_and_kept_for_later_runs(trainer_factory, tmp_path, monkeypatch):

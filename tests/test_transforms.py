@@ -147,6 +147,19 @@ def test_training_without_rrc_does_not_stretch_either(tmp_path, crop):
         assert all(tuple(p) in ((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)) for p in pixels.tolist())
 
 
+def test_training_without_rrc_resizes_and_crops_as_evaluation_does():
+    """crop none, no flip: the training images are the evaluation's, crop_pct included (the shorter side
+    resized to floor(16 / 0.8) = 20, then the centre 16x16), as torchvision composes it by hand."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    mean, std = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+    dm = ImageDataModule("imagefolder", root="/nowhere", img_size=16, crop="none", hflip=0.0, crop_pct=0.8,
+                         mean=mean, std=std, in_chans=3)  # no file is read
+    by_hand = T.Compose([T.Resize(20), T.CenterCrop(16), T.ToTensor(), T.Normalize(mean, std)])
+    torch.testing.assert_close(dm.train_transform()(img), by_hand(img))
+    torch.testing.assert_close(dm.eval_transform()(img), by_hand(img))
+
+
 def test_crop_pct_and_bicubic_equal_deits_eval_transform():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))

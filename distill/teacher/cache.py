@@ -469,16 +469,43 @@ def write_manifest(directory: str | Path, fields: dict[str, Any], *, num_samples
     tmp.replace(Path(directory) / MANIFEST)
 
 
+# Seconds a process waits for another one's build of the same shard before it gives up with an error;
+# unset (the default): as long as that build takes. Tests bound it, so a wait that can never end (two
+# ranks of one job on one lock) fails in seconds instead of hanging until a distant time-out.
+LOCK_TIMEOUT_ENV = "DISTILL_CACHE_LOCK_TIMEOUT"
+
+
 @contextmanager
 def _build_lock(directory: Path, rank: int):
     """An exclusive lock on building shard `rank` of `directory` (the cache, or one view's folder), across
-    processes (flock): a second process that wants the same shard waits until the first has written it."""
+    processes (flock): a second process that wants the same shard waits until the first has written it (at
+    most $DISTILL_CACHE_LOCK_TIMEOUT seconds when set). The holder's pid is in the lock file, for the
+    message of a waiter that gives up."""
     import fcntl
+    import os
 
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f".build-{rank:04d}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    path = directory / f".build-{rank:04d}.lock"
+    timeout = float(os.environ.get(LOCK_TIMEOUT_ENV) or 0) or None
+    with open(path, "a+") as lock:  # not "w": a waiter must not empty the holder's record
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
+                break
+            except BlockingIOError:
+                if time.monotonic() - start > timeout:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "?"
+                    raise TimeoutError(
+                        f"teacher cache {str(directory)!r}: waited {timeout:g} s ({LOCK_TIMEOUT_ENV}) for process "
+                        f"{holder} to finish building shard {rank}; wait for that run, or point "
+                        f"model.teacher_cache.dir elsewhere") from None
+                time.sleep(0.2)
         try:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

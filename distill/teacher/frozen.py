@@ -199,6 +199,8 @@ class FrozenTeacher(TeacherOutputs, nn.Module):
         network = build_teacher(src.arch, src.num_classes, src.in_chans, class_names=src.class_names, mean=src.mean,
                                 std=src.std, img_size=src.img_size, pretrained=src.weights(field),
                                 pretrained_field=field, **src.arch_args)
+        # how its images were resized in step 1 (config.json's pretrained_cfg): `adapt_to` resizes as it did
+        network.distill_eval = dict(crop_pct=src.crop_pct, interpolation=src.interpolation)
         record = src.distill
         identity = dict(path=name, sha256=digest, run_id=(record.get("run") or {}).get("wandb_id"),
                         run_dir=(record.get("run") or {}).get("run_dir"),
