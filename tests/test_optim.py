@@ -125,3 +125,23 @@ def test_layer_decay_on_a_cifar_resnet_groups_the_stem_then_each_block():
     assert {k: len(v) for k, v in per_layer.items()} == {k: 1 for k in range(10)}  # one lr per block
     for name, lr in lr_of.items():
         assert lr == pytest.approx(LR * decay ** (9 - layer(name))), name
+
+
+def test_a_students_warmup_in_steps_is_the_same_whatever_the_epoch_length(trainer_factory, tiny_student):
+    """`warmup_steps` (DistillModule): runs compared at equal samples seen with epochs of other lengths (5,000
+    labelled images alone against 50,000 with the unlabelled ones) warm up over the same optimizer steps; the
+    peak lr is reached at that step whatever an epoch holds."""
+    from distill import DistillationLoss, DistillModule
+
+    for batches_per_epoch in (3, 7):
+        dm = ImageDataModule("synthetic", img_size=8, batch_size=8, num_samples=batches_per_epoch * 8 * 5 // 4,
+                             val_fraction=0.2, in_chans_synthetic=1)
+        module = DistillModule(student=dict(tiny_student), loss=DistillationLoss("none"), lr=LR, min_lr_ratio=0.01,
+                               warmup_epochs=1.0, warmup_steps=4)
+        rec = LrRecorder()
+        trainer_factory(limit_val_batches=0, callbacks=[rec], max_steps=20, max_epochs=-1).fit(module, dm)
+        assert max(rec.lrs) == pytest.approx(LR, rel=1e-3) and rec.lrs.index(max(rec.lrs)) == 4, (batches_per_epoch, rec.lrs)
+        assert all(a < b for a, b in zip(rec.lrs[:4], rec.lrs[1:5]))  # rising until step 4, whatever the epoch
+    with pytest.raises(ValueError, match=r"model.init_args.warmup_steps=-1 must be a whole number >= 0"):
+        module = DistillModule(student=dict(tiny_student), loss=DistillationLoss("none"), warmup_steps=-1)
+        trainer_factory(limit_val_batches=0, max_steps=2).fit(module, dm)

@@ -322,6 +322,8 @@ def test_every_batch_holds_the_labelled_share_asked_for_on_every_loader():
     first, again, later = share.order(0), share.order(0), share.order(1)
     assert np.array_equal(first, again) and not np.array_equal(first, later) and len(first) == 100
     assert all((batch < 10).sum() == 3 for batch in first.reshape(-1, 10))
+    # shuffled within each batch: mixup pairs image i with image B-1-i, so labelled ones must meet too
+    assert len({tuple(np.flatnonzero(batch < 10)) for batch in first.reshape(-1, 10)}) > 1
     # two processes take every other batch of one order: disjoint batches, each with its share
     ranks = [share.order(0, r, 2).reshape(-1, 10) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 5 and all((b < 10).sum() == 3 for r in ranks for b in r)
@@ -343,3 +345,28 @@ def test_a_resumed_epoch_with_a_labelled_share_replays_the_rest_of_its_order():
     whole = list(sampler)
     sampler.skip_once(3, 32)
     assert list(sampler) == whole[32:] and len(whole) == len(sampler)
+
+
+def test_prepare_cifar10_lays_the_other_training_images_out_flat_without_their_class(tmp_path):
+    """tools/prepare_cifar10.py: data/cifar10-unlabeled holds every training image that cifar10-small leaves out,
+    as hard links in one flat folder named by a fixed shuffle (no name tells the class), the same each time."""
+    from conftest import load_tool
+
+    prepare = load_tool("prepare_cifar10")
+    full = tmp_path / "cifar10-jpeg"
+    for c in ("cat", "dog", "ship"):
+        (full / "train" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((4, 4, 3), 20 * i + len(c), np.uint8)).save(full / "train" / c / f"{i:04d}.jpg")
+    folder = prepare.unlabeled_rest(full, tmp_path, per_class=2)
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"{k:05d}.jpg" for k in range(9)]
+    sources = {f.stat().st_ino for c in ("cat", "dog", "ship") for f in (full / "train" / c).iterdir() if int(f.stem) >= 2}
+    assert {f.stat().st_ino for f in files} == sources  # hard links to the 3 images per class past the first 2
+    order = [f.stat().st_ino for f in files]
+    shutil.rmtree(folder)
+    prepare.unlabeled_rest(full, tmp_path, per_class=2)
+    assert [f.stat().st_ino for f in sorted(folder.iterdir())] == order
+    classes = [next(c for c in ("cat", "dog", "ship") if any(g.stat().st_ino == f.stat().st_ino
+                                                               for g in (full / "train" / c).iterdir())) for f in files]
+    assert classes != sorted(classes)  # shuffled: not class after class
