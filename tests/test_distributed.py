@@ -214,7 +214,7 @@ def test_one_wandb_run_per_job_and_teacher_cache_sharded_by_process(single_teach
     # up after 30 s with a message naming the lock, instead of hanging until the 600 s time-out.
     distill(*args, DISTILL_CACHE_LOCK_TIMEOUT="30")
     assert len(list((root / "wandb").glob("offline-run-*"))) == 1  # rank zero logs, the other rank does not
-    shards = sorted(p.name for p in cache.glob("shard-*.done.json"))
+    shards = sorted(p.name for p in cache.glob("view-00000/shard-*.done.json"))  # the one epoch's view, per rank
     assert shards == ["shard-0000-of-0002.done.json", "shard-0001-of-0002.done.json"]
     # a second job reads the cache both processes wrote (and checks it against the live teacher)
     distill(*args[:-1], str(tmp_path / "again"))
