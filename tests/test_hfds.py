@@ -437,6 +437,7 @@ def test_unlabelled_rows_and_split_reach_the_student_and_never_the_teacher(tmp_p
     assert len(labels) == 24 + 6 + 6 and int((labels == -1).sum()) == 12 and dm.num_unlabeled == 12
     fp = dm.split_fingerprint
     assert fp["labeled"] != fp["train"]  # the rows without a label are training rows, not labelled ones
+    assert ImageDataModule("hfds", root=str(root)).split_fingerprint == fp  # the teacher's view of the same data
     # labels_per_class draws among the labelled rows only; the rows without a label stay unlabelled
     dm = ImageDataModule("hfds", labels_per_class=2, **data)
     dm.setup()

@@ -330,10 +330,12 @@ class HFImageSource:
         return [str(i) for i in range(top + 1)]
 
     def targets(self, split: str) -> np.ndarray:
-        """The label column of a split as int64, None -> -1; all -1 for a split without one (read once)."""
+        """The label column of a split as int64, None -> -1; all -1 for a split without one (read once).
+        The unlabelled split's labels, if it has any, are read here too (the fingerprint hashes them);
+        `dataset("unlabeled")` serves every row with -1."""
         if split not in self._labels:
             ds = self.splits[split]
-            if self.label_key not in ds.column_names or split == self.unlabeled:
+            if self.label_key not in ds.column_names:
                 self._labels[split] = np.full(len(ds), UNLABELED, dtype=np.int64)
             else:
                 import pyarrow as pa
@@ -346,6 +348,15 @@ class HFImageSource:
                 self._labels[split] = np.asarray(pc.fill_null(column, UNLABELED).to_numpy(zero_copy_only=False),
                                                  dtype=np.int64).reshape(-1)
         return self._labels[split]
+
+    def _label_bytes(self, split: str) -> bytes:
+        """A split's labels for the fingerprint: whatever the options (an unlabelled split's labels too), so
+        that a teacher and a student reading the same data with other options agree; a label column of
+        another type in a split nobody reads, by its type."""
+        try:
+            return self.targets(split).tobytes()
+        except ValueError:
+            return str(self.splits[split].features.get(self.label_key)).encode()
 
     def _check_labels(self) -> None:
         n = len(self.class_names)
@@ -393,7 +404,7 @@ class HFImageSource:
 
     def dataset(self, part: Part, transform=None, mode: str = "RGB") -> "HFImageDataset":
         split, rows = self.split_of(part)
-        targets = self.targets(split)
+        targets = np.full(len(self.splits[split]), UNLABELED) if part == "unlabeled" else self.targets(split)
         return HFImageDataset(self.splits[split], self.image_key, targets if rows is None else targets[rows], mode,
                               transform, rows=rows, split=split, max_bad_fraction=self.max_bad_fraction)
 
@@ -445,13 +456,13 @@ class HFImageSource:
         for name in sorted(self.splits):
             n = len(self.splits[name])
             put(f"{name}:{n}".encode())
-            put(self.targets(name).tobytes() if self.label_key in self.splits[name].column_names else b"")
+            put(self._label_bytes(name))
             if self.image_key in self.splits[name].column_names:
                 ds = HFImageDataset(self.splits[name], self.image_key, np.zeros(n, np.int64), "RGB", split=name)
                 for i in _spread(n, FINGERPRINT_SAMPLE):
                     put(ds.image_bytes(int(i)))
         keys = {}
-        for part in ("train", "val"):
+        for part in ("train", "val"):  # split:row
             split, rows = self.split_of(part)
             keys[part] = [f"{split}:{r}" for r in (range(len(self.splits[split])) if rows is None else rows.tolist())]
         return dict(dataset=h.hexdigest(), val=keys["val"], train=keys["train"])
