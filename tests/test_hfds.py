@@ -395,14 +395,14 @@ def test_on_device_decoding_and_worker_processes_read_hfds_data(tmp_path):
 # --------------------------------------------------------------------------------- unlabelled images
 def _semi_supervised(tmp_path, duplicate_of_val: bool = False, labelled: int = 8, val: int = 2) -> Path:
     """Real digits: a training split with `labelled` rows a class, then 4 rows whose label is None and 2
-    whose label is -1; a validation split (`val` a class) and an `unlabeled` split (no label column) of 6."""
+    whose label is -1; a validation split (`val` a class) and an `unlabeled` split of 6 (whose labels, as
+    a pool set aside from labelled data would have, are ignored)."""
     arrays = _digits(start=labelled, count=2)[0]
     if duplicate_of_val:
         arrays[0] = _digits(start=labelled + 4, count=1)[0][1]  # validation row `val` (the first of class 1)
     rows = Dataset.from_dict({"image": [Image.fromarray(a) for a in arrays], "label": [None] * 4 + [-1] * 2},
                              features=_features(["0", "1", "2"]))
-    extra = Dataset.from_dict({"image": [Image.fromarray(a) for a in _digits(start=labelled + 2, count=2)[0]]},
-                              features=_features([], label=False))
+    extra = _digits_split(start=labelled + 2, count=2)
     DatasetDict(train=datasets.concatenate_datasets([_digits_split(count=labelled), rows]),
                 validation=_digits_split(start=labelled + 4, count=val),
                 unlabeled=extra).save_to_disk(str(tmp_path / "semi"))
@@ -471,7 +471,7 @@ def test_a_pipeline_on_an_hfds_folder_validates_what_its_checkpoint_scores(tmp_p
     """`distill pipeline` (teacher, then student) on a save_to_disk folder of real digits with unlabelled
     rows and an unlabelled split; the student's val/acc is what its checkpoint scores on the validation
     rows read with datasets alone."""
-    from distill import load_student
+    from distill import load_student, student_heads
     from distill.commands.main import main
     from distill.data.transforms import build_eval_transform
     from distill.models.meta import eval_spec_of
@@ -491,12 +491,14 @@ def test_a_pipeline_on_an_hfds_folder_validates_what_its_checkpoint_scores(tmp_p
     student = load_student(summary["student"]["checkpoint"])
     transform = build_eval_transform(eval_spec_of(student))
     val = datasets.load_from_disk(str(root))["validation"]
+    y = torch.tensor(val["label"])
     with torch.no_grad():
         x = torch.stack([transform(row["image"].convert("L")) for row in val])
-        predicted = student(x).argmax(-1)
-    accuracy = (predicted == torch.tensor(val["label"])).float().mean().item()
-    assert len(set(predicted.tolist())) > 1  # a student that tells classes apart: the comparison means something
-    assert summary["student"]["val/acc"] == pytest.approx(accuracy, abs=1e-6)
+        fused = student(x)
+        z_cls, z_dist = student_heads(student, x)
+    assert len(set(fused.argmax(-1).tolist())) > 1  # a student that tells classes apart: the comparison means something
+    for key, logits in (("val/acc", fused), ("val/acc_cls", z_cls), ("val/acc_dist", z_dist)):  # three heads agree
+        assert summary["student"][key] == pytest.approx((logits.argmax(-1) == y).float().mean().item(), abs=1e-6), key
     teacher_hp = torch.load(summary["teacher"]["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]
     assert teacher_hp["class_names"] == ["0", "1", "2"] and teacher_hp["in_chans"] == 1
     assert teacher_hp["data_split"]["labeled"] != teacher_hp["data_split"]["train"]  # trained on the labelled rows
