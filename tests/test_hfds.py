@@ -50,6 +50,14 @@ def _digits(classes=3, start=0, count=10):
     return [images[i] for i, _ in picks], [c for _, c in picks]
 
 
+def _png(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _features(names, label=True):
     return Features({"image": HFImage(), **({"label": ClassLabel(names=names)} if label else {})})
 
@@ -218,6 +226,9 @@ def test_every_bad_input_is_one_line_and_writes_nothing(tmp_path):
                                    validation=good))
     _one_line(ValueError, "hfds", root=unnamed, match=r"no ClassLabel column among image \(Image\), y \(Value int64\); "
                                                       r"set data.label_key")
+    single = Dataset.from_dict({"image": images, "label": [0] * 12}, features=_features(["only"]))
+    _one_line(ValueError, "hfds", root=save("single", dict(train=single, validation=single)),
+              match=r"data.label_key='label': its ClassLabel names 1 class\(es\); at least 2 are needed")
     # labels: past the class names, below -1, missing on a validation row, or on every training row
     high = Dataset.from_dict({"image": images[:3], "label": [0, 5, 1]},
                              features=Features({"image": HFImage(), "label": Value("int64")}))
@@ -261,6 +272,21 @@ def test_every_bad_input_is_one_line_and_writes_nothing(tmp_path):
     # nothing written into (or changed in) the user's folders: no cache or index file next to their data
     assert written and all(_listing(folder) == files for folder, files in written.items())
     assert _listing(tmp_path / "plain") == [("notes.txt", (tmp_path / "plain" / "notes.txt").stat().st_mtime_ns)]
+
+
+def test_an_undecodable_image_is_replaced_by_the_next_up_to_max_bad_fraction(tmp_path):
+    arrays, labels = _digits(count=8)
+    stored = [{"bytes": _png(a), "path": None} for a in arrays]
+    stored[7] = {"bytes": b"not an image", "path": None}  # the last 0; row 8 is the first 1
+    broken = Dataset.from_dict({"image": stored, "label": labels}, features=_features(["0", "1", "2"]))
+    DatasetDict(train=broken, validation=_digits_split(start=8, count=2)).save_to_disk(str(tmp_path / "broken"))
+    dm = ImageDataModule("hfds", root=str(tmp_path / "broken"), max_bad_fraction=0.1, batch_size=4)
+    dm.setup()
+    x, y = dm.train_set[7]
+    assert torch.equal(x, dm.train_set[8][0]) and (y, labels[8]) == (1, 1)  # the next image, with its own label
+    _one_line(ValueError, "hfds", root=str(tmp_path / "broken"), batch_size=4,
+              match=r"data.root: 1 of 24 images of split 'train' cannot be decoded \(e.g. row 7 of split 'train': .*\), "
+                    r"above data.max_bad_fraction=0.01; fix or remove them")
 
 
 def test_without_the_datasets_library_hfds_says_what_to_install(tmp_path, monkeypatch):

@@ -314,6 +314,9 @@ class HFImageSource:
     def _class_names(self) -> list[str]:
         feature = self.splits[self.train].features[self.label_key]
         names = getattr(feature, "names", None)
+        if names is not None and len(names) < 2:
+            raise ValueError(f"data.label_key={self.label_key!r}: its ClassLabel names {len(names)} class(es); at least "
+                             f"2 are needed")
         if names is not None:
             for name in (self.val, self.test):
                 other = getattr(self.splits[name].features[self.label_key], "names", None) if name else None
@@ -520,6 +523,7 @@ class HFImageDataset(Dataset):
         for j in range(i, i + n):
             try:
                 img = self._decoder.decode_example(self._stored(j % n)).convert(self.mode)
+                i = j % n  # the image served, and its label
                 break
             except Exception as e:  # noqa: BLE001 - any decode failure makes the image unusable
                 self._bad_seen.add(j % n)
