@@ -360,6 +360,25 @@ def test_the_split_fingerprint_names_the_data_and_its_rows_wherever_it_lies(tmp_
     assert ImageDataModule("hfds", root=str(tmp_path / "other")).split_fingerprint["dataset"] != fp["dataset"]
 
 
+def test_a_student_that_would_validate_on_its_teachers_training_rows_is_refused(tmp_path, trainer_factory):
+    root = _digits_dict(tmp_path, test=_digits_split(start=14, count=2))
+    teacher_trainer = trainer_factory(max_steps=1, limit_val_batches=0)
+    teacher_trainer.fit(TeacherModule(**TINY_TEACHER), ImageDataModule("hfds", root=str(root), batch_size=8))
+    teacher_trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+
+    def student(**data):
+        module = DistillModule(student=dict(TINY_STUDENT), teacher=str(tmp_path / "teacher.ckpt"), warmup_epochs=0)
+        trainer_factory(max_steps=1, limit_val_batches=0).fit(module, ImageDataModule("hfds", batch_size=8, **data))
+
+    student(root=str(tmp_path / "digits"))
+    copy = shutil.copytree(root, tmp_path / "copy")
+    student(root=str(copy))  # the same data elsewhere: the same split
+    with pytest.raises(ValueError, match=r"model.teacher was trained on another train/validation split of this data"):
+        student(root=str(copy), val_split="test")
+    with pytest.raises(ValueError, match=r"model.teacher was trained on other labelled images of this data"):
+        student(root=str(copy), labels_per_class=3)
+
+
 def test_keyed_views_and_the_teacher_cache_on_hfds_data_with_unlabelled_rows(tmp_path, trainer_factory):
     from distill.teacher.cache import TeacherCache, TeacherCacheConfig, dataset_fingerprint
 
@@ -416,6 +435,21 @@ def test_on_device_decoding_and_worker_processes_read_hfds_data(tmp_path):
     host.setup()
     seen = torch.cat([y for _, y in host.val_dataloader()])  # two worker processes open the memory map again
     assert seen.tolist() == val["label"]
+
+
+def test_on_device_decoding_of_labelled_and_unlabelled_rows(tmp_path):
+    """Digits with rows without a label and an unlabelled split, decoded once onto the device through the
+    training set's own items: the digits' pixels, in the training set's order, -1 for the unlabelled ones."""
+    from distill.data.device_loader import device_loader
+
+    root = _semi_supervised(tmp_path)
+    dm = ImageDataModule("hfds", root=str(root), img_size=8, batch_size=4, on_device=True, unlabeled_split="unlabeled")
+    dm.setup()
+    loader = device_loader(dm, "train")
+    images, targets = next(iter(dm._device_decoded.values()))
+    arrays = _digits(count=8)[0] + _digits(start=8, count=2)[0] + _digits(start=10, count=2)[0]
+    assert torch.equal(images, torch.from_numpy(np.stack(arrays))[:, None])
+    assert targets.tolist() == _digits(count=8)[1] + [-1] * 12 and len(loader) == 36 // 4
 
 
 # --------------------------------------------------------------------------------- unlabelled images
