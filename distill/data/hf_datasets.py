@@ -444,9 +444,9 @@ class HFImageSource:
         spread over each split) and the row keys (`split:row`) of validation and training.
 
         Not `Dataset._fingerprint`: it names how the arrow files were produced or where they were cached
-        (a `load_dataset` of the same parquet files from another folder, or a copy of a `save_to_disk`
-        folder, gets another one), so a student reading a copy of its teacher's data would look like it
-        read other data and escape the leakage check. Hashing every image would read the whole set at
+        (the same parquet files loaded from another folder get another one, and so does the same data
+        saved with `save_to_disk` and with `to_parquet`), so a student reading another copy of its
+        teacher's data would look like it read other data and escape the leakage check. Hashing every image would read the whole set at
         every start (ImageNet: 140 GB); the labels and a spread sample of image bytes tell data sets
         apart, and within one data set a row is named by its split and position."""
         h = hashlib.sha256()
