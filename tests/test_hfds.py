@@ -169,9 +169,12 @@ def test_parquet_and_arrow_folders_take_their_splits_from_file_and_folder_names(
         assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == sizes, root
         assert dm.class_names == ["0", "1", "2"] and dm.in_chans == 1, root  # the ClassLabel survives the files
         assert sorted(dm.train_set.targets) == sorted(train["label"]), root
-    # the same images and labels in parquet: the same data to the leakage check
+    # the same images and labels as parquet or arrow files: the same data to the leakage check
+    train.to_parquet(str(tmp_path / "same" / "train.parquet"))
+    val.to_parquet(str(tmp_path / "same" / "validation.parquet"))
     saved = ImageDataModule("hfds", root=str(tmp_path / "saved")).split_fingerprint
     assert ImageDataModule("hfds", root=str(tmp_path / "arrow")).split_fingerprint == saved
+    assert ImageDataModule("hfds", root=str(tmp_path / "same")).split_fingerprint == saved
 
 
 def test_columns_and_splits_are_chosen_by_name(tmp_path):
