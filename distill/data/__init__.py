@@ -1,1 +1,2 @@
-"""The data side: ImageDataModule, its datasets, DeiT's transforms, samplers, keyed views, on-device batches."""
+"""The data side: ImageDataModule, its datasets (image folders, Hugging Face datasets, unlabelled images), DeiT's
+transforms, samplers, keyed views, on-device batches."""

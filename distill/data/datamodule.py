@@ -1,5 +1,5 @@
-"""ImageDataModule: one LightningDataModule for the bundled digits, any ImageFolder tree, CIFAR and
-synthetic data, with timm's augmentation and batch-level mixup/cutmix.
+"""ImageDataModule: one LightningDataModule for the bundled digits, any ImageFolder tree, Hugging Face
+`datasets` data, CIFAR and synthetic data, with timm's augmentation and batch-level mixup/cutmix.
 
 Mixup/cutmix runs in `on_after_batch_transfer`, i.e. on the batch the LightningModule receives, so the
 teacher and the student always see the same mixed images.
@@ -24,7 +24,8 @@ from .datasets import (CIFAR_STATS, ArrayImageDataset, ImageFolderDataset, Synth
 
 log = logging.getLogger(__name__)
 
-Source = Literal["digits", "imagefolder", "cifar10", "cifar100", "synthetic"]
+Source = Literal["digits", "imagefolder", "hfds", "cifar10", "cifar100", "synthetic"]
+HFDS_ONLY = ("image_key", "label_key", "train_split", "val_split", "unlabeled_split")  # arguments of hfds alone
 
 
 def _sha(*parts: Any) -> str:
@@ -43,13 +44,18 @@ class ImageDataModule(L.LightningDataModule):
     Args:
         source: `digits` (scikit-learn's bundled 8x8 handwritten digits, 1,797 images, no download),
             `imagefolder` (`root/train/<class>/*` and `root/val/<class>/*` or `root/test/<class>/*`,
-            grayscale or RGB), `cifar10` / `cifar100` (torchvision), `synthetic` (random tensors).
-        root: data folder for imagefolder and cifar.
+            grayscale or RGB), `hfds` (Hugging Face `datasets` data: `distill.data.hf_datasets`), `cifar10` /
+            `cifar100` (torchvision), `synthetic` (random tensors).
+        root: data folder for imagefolder and cifar; for hfds a `save_to_disk` folder (DatasetDict or
+            Dataset), a folder of parquet or arrow files (splits from the file and folder names), or a Hub
+            name `ORG/NAME[@REVISION]` (read from datasets' local cache when offline; never waits on a
+            network that is not there).
         img_size: side of the square images the models see; None = the pretrained weights' input size
             when the model starts from pretrained weights, else 8.
         batch_size: samples per device and step (the global batch is batch_size x devices x nodes).
         num_workers: data loader worker processes.
-        val_fraction: share of digits / synthetic held out for validation (stratified, fixed by `seed`).
+        val_fraction: share of digits / synthetic (and of hfds data with a training split alone) held out
+            for validation (stratified, fixed by `seed`).
         seed: seed of the digits / synthetic split and of the repeated-augmentation order
             (`split_fingerprint` tells whether two runs hold out the same images).
         mean: per-channel normalisation mean; None = the pretrained weights' when the model starts from
@@ -63,8 +69,8 @@ class ImageDataModule(L.LightningDataModule):
             centre square; DeiT's ImageNet value is 0.875 (resize to 256, crop 224). In (0, 1].
         interpolation: resampling of the evaluation resize, the RandomResizedCrop and the geometric ops
             of auto_augment: nearest, bilinear (default), bicubic (DeiT), box, hamming or lanczos.
-        in_chans: channels of an image folder: None = detected from its files (all grayscale -> 1,
-            any colour file -> 3); 1 or 3 converts every image. Other sources have fixed channels.
+        in_chans: channels of an image folder or hfds data: None = detected from its images (all grayscale
+            -> 1, any colour image -> 3); 1 or 3 converts every image. Other sources have fixed channels.
         repeated_aug: repeated augmentation (DeiT's RASampler, `distill.data.samplers`): each training image
             appears this many times per epoch, spread over the processes, with the epoch kept at
             DeiT's length; DeiT uses 3 on ImageNet. 0 or 1 = off. Needs >= 256 training images.
@@ -111,6 +117,16 @@ class ImageDataModule(L.LightningDataModule):
             flip, erase and normalise batches there (`distill.data.device_loader`): for CIFAR-size data,
             where the host pipeline is the bottleneck. Supports crop pad/none, hflip, re_prob,
             mixup/cutmix; not rrc or auto_augment. num_workers is then only used to decode once.
+        image_key: hfds: the column of the images; None = the one `Image` feature.
+        label_key: hfds: the column of the labels; None = the one `ClassLabel` feature (whose names are
+            the class names; an integer column without one gives classes named 0..N-1). Training rows
+            labelled -1 or None are unlabelled images (as data.unlabeled_root's).
+        train_split: hfds: the split training reads.
+        val_split: hfds: the split validation reads; None = `validation`, else `test`, else (data with a
+            training split alone) data.val_fraction of its labelled rows. A `test` split other than it
+            is the test set.
+        unlabeled_split: hfds: a split of images without labels (label -1) for the student, as
+            data.unlabeled_root (the teacher never sees it).
     """
 
     def __init__(
@@ -150,12 +166,25 @@ class ImageDataModule(L.LightningDataModule):
         unlabeled_root: str | None = None,
         labels_per_class: int | None = None,
         labeled_fraction: float | None = None,
+        image_key: str | None = None,
+        label_key: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        unlabeled_split: str | None = None,
     ) -> None:
         super().__init__()
-        if source not in ("digits", "imagefolder", "cifar10", "cifar100", "synthetic"):
-            raise ValueError(f"data.source={source!r} is unknown; use digits, imagefolder, cifar10, cifar100 or synthetic")
-        if source in ("imagefolder", "cifar10", "cifar100") and not root:
+        if source not in ("digits", "imagefolder", "hfds", "cifar10", "cifar100", "synthetic"):
+            raise ValueError(f"data.source={source!r} is unknown; use digits, imagefolder, hfds, cifar10, cifar100 or "
+                             f"synthetic")
+        if source in ("imagefolder", "hfds", "cifar10", "cifar100") and not root:
             raise ValueError(f"data.root is required for data.source={source}; pass --data.root DIR")
+        given = dict(image_key=image_key, label_key=label_key, train_split=train_split if train_split != "train" else None,
+                     val_split=val_split, unlabeled_split=unlabeled_split)
+        stray = [k for k in HFDS_ONLY if given[k] is not None]
+        if source != "hfds" and stray:
+            raise ValueError(f"data.{stray[0]} applies to data.source hfds only (this is {source}); remove it")
+        if unlabeled_split is not None and unlabeled_root is not None:
+            raise ValueError("data.unlabeled_split and data.unlabeled_root both add unlabelled images; use one of them")
         self._img_size_given = img_size is not None
         img_size = 8 if img_size is None else img_size
         if img_size < 1 or batch_size < 1:
@@ -184,7 +213,7 @@ class ImageDataModule(L.LightningDataModule):
             if not 0.0 < float(labeled_fraction) < 1.0:
                 raise ValueError(f"data.labeled_fraction={labeled_fraction} must lie strictly between 0 and 1 (the "
                                  f"share of labelled images in a batch), or be null for the share in the data")
-            if unlabeled_root is None and labels_per_class is None:
+            if unlabeled_root is None and labels_per_class is None and unlabeled_split is None and source != "hfds":
                 raise ValueError("data.labeled_fraction needs unlabelled images: set data.unlabeled_root or "
                                  "data.labels_per_class, or remove data.labeled_fraction")
             if repeated_aug > 1:
@@ -202,12 +231,25 @@ class ImageDataModule(L.LightningDataModule):
     def _folder(self) -> dict[str, Any]:
         return scan_image_folder(Path(self.root).expanduser(), self.hparams.in_chans)
 
+    @cached_property
+    def _hf(self):
+        """The splits and columns of hfds data (`distill.data.hf_datasets.HFImageSource`), opened once."""
+        from .hf_datasets import HFImageSource
+
+        hp = self.hparams
+        return HFImageSource(self.root, image_key=hp.get("image_key"), label_key=hp.get("label_key"),
+                             train_split=hp.get("train_split", "train"), val_split=hp.get("val_split"),
+                             unlabeled_split=hp.get("unlabeled_split"), val_fraction=hp.val_fraction, seed=hp.seed,
+                             max_bad_fraction=hp.max_bad_fraction)
+
     @property
     def class_names(self) -> list[str]:
         if self.source == "digits":
             return [str(i) for i in range(10)]
         if self.source == "imagefolder":
             return self._folder["classes"]
+        if self.source == "hfds":
+            return self._hf.class_names
         if self.source == "cifar10":
             return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
         if self.source == "cifar100":
@@ -227,6 +269,8 @@ class ImageDataModule(L.LightningDataModule):
             return 1
         if self.source == "imagefolder":
             return self.hparams.in_chans or (1 if self._folder["mode"] == "L" else 3)
+        if self.source == "hfds":
+            return self.hparams.in_chans or (1 if self._hf.mode == "L" else 3)
         fixed = self.hparams.in_chans_synthetic if self.source == "synthetic" else 3
         forced = self.hparams.in_chans
         if forced is not None and forced != fixed:
@@ -260,7 +304,7 @@ class ImageDataModule(L.LightningDataModule):
             return (0.0,) * self.in_chans, (1.0,) * self.in_chans
         from .transforms import interp_mode
 
-        # digits and image folders: the training images' own statistics (up to 2,000 of them), seen as
+        # digits, image folders and hfds: the training images' own statistics (up to 2,000 of them), seen as
         # evaluation sees them (shorter side resized, centre crop), unnormalised
         ds = self._raw_train()
         idx = np.random.default_rng(0).permutation(len(ds))[:2000]
@@ -295,9 +339,14 @@ class ImageDataModule(L.LightningDataModule):
         whose `val` differs from its teacher's validates on images the teacher trained on; one whose
         `labeled` differs learns from a teacher that saw labels the student is meant not to have (or
         not the ones it has). Unlabelled folders (`data.unlabeled_root`) are in none of them: the
-        teacher never sees them.
+        teacher never sees them. hfds: rows named by split and position within data identified by its
+        labels and a sample of its image bytes (`HFImageSource.fingerprint` says why); training rows
+        without a label are in `train`, not in `labeled`.
         """
         keep = self._labels_kept
+        if self.source == "hfds":
+            fp = self._hf.fingerprint()
+            return dict(dataset=fp["dataset"], val=_sha(*sorted(fp["val"])), **self._train_fingerprints(fp["train"], keep))
         if self.source == "digits":
             d = self._digits
             keys = [_sha(img.tobytes(), int(t)) for img, t in zip(d["images"], d["targets"])]
@@ -330,8 +379,11 @@ class ImageDataModule(L.LightningDataModule):
 
     @cached_property
     def _labels_kept(self) -> np.ndarray | None:
-        """`data.labels_per_class`: which training images (in the training set's order) keep their label."""
+        """`data.labels_per_class`: which training images (in the training set's order) keep their label.
+        hfds: never the rows without a label (-1 or None)."""
         per_class = self.hparams.get("labels_per_class")
+        if self.source == "hfds" and per_class is None:
+            return self._hf.labeled_rows()
         if per_class is None:
             return None
         from .unlabeled import labels_per_class_mask
@@ -347,6 +399,8 @@ class ImageDataModule(L.LightningDataModule):
             return self._synthetic()[0]
         if self.source in ("cifar10", "cifar100"):
             return self._cifar(True, None)
+        if self.source == "hfds":
+            return self._hf.dataset("train", None, self._folder_mode())
         f = self._folder
         return ImageFolderDataset(f["train"], f["classes"], f["mode"], None, self.hparams.max_bad_fraction)
 
@@ -384,6 +438,10 @@ class ImageDataModule(L.LightningDataModule):
             self.test_set = self.val_set if f["test"] == f["val"] else ImageFolderDataset(
                 f["test"], f["classes"], f["mode"], eval_tf, hp.max_bad_fraction
             )
+        elif self.source == "hfds":
+            mode = self._folder_mode()
+            self.train_set, self.val_set = self._hf.dataset("train", train_tf, mode), self._hf.dataset("val", eval_tf, mode)
+            self.test_set = self.val_set if self._hf.test == self._hf.val else self._hf.dataset("test", eval_tf, mode)
         elif self.source in ("cifar10", "cifar100"):
             self.train_set, self.val_set = self._cifar(True, train_tf), self._cifar(False, eval_tf)
             self.test_set = self.val_set
@@ -433,24 +491,38 @@ class ImageDataModule(L.LightningDataModule):
         return bool(getattr(self.trainer.lightning_module, "reads_unlabeled", False))
 
     def _with_unlabeled(self, labeled: Dataset, transform) -> Dataset:
-        """The training set with data.labels_per_class and data.unlabeled_root applied (`distill.data.unlabeled`):
-        the labelled images then the unlabelled ones (label -1) for a model that reads them, else the
-        labelled images alone."""
+        """The training set with data.labels_per_class and data.unlabeled_root (or, for hfds, its training
+        rows without a label and data.unlabeled_split) applied (`distill.data.unlabeled`): the labelled
+        images then the unlabelled ones (label -1) for a model that reads them, else the labelled images
+        alone."""
         hp = self.hparams
-        keep, root = self._labels_kept, hp.get("unlabeled_root")
-        if keep is None and root is None:
+        keep, root, split = self._labels_kept, hp.get("unlabeled_root"), hp.get("unlabeled_split")
+        if keep is None and root is None and split is None:
+            if hp.get("labeled_fraction") is not None:  # hfds data whose training rows all have labels
+                raise ValueError(f"data.labeled_fraction needs unlabelled images, and every row of split "
+                                 f"{self._hf.train!r} has a label: set data.unlabeled_split, data.unlabeled_root or "
+                                 f"data.labels_per_class, or remove data.labeled_fraction")
             return labeled
         from .unlabeled import UnlabeledImages, WithUnlabeled
 
         if not self._reads_unlabeled():
-            left = ([f"{int((~keep).sum()):,} held back by data.labels_per_class"] if keep is not None else []) + \
-                   ([f"the images of data.unlabeled_root"] if root else [])
+            unlabeled_rows = int((np.asarray(labeled.targets) < 0).sum())  # hfds rows without a label
+            held = int((~keep).sum()) - unlabeled_rows if keep is not None else 0
+            left = ([f"{held:,} held back by data.labels_per_class"] if held else []) + \
+                   ([f"{unlabeled_rows:,} training rows without a label"] if unlabeled_rows else []) + \
+                   ([f"the images of data.unlabeled_root"] if root else []) + \
+                   ([f"the images of data.unlabeled_split {split!r}"] if split else [])
             log.info("data: training on the %s labelled images alone (%s): this model learns from labels only",
                      f"{int(keep.sum()) if keep is not None else len(labeled):,}", " and ".join(left))
             return WithUnlabeled(labeled, None, keep, labeled_only=True) if keep is not None else labeled
         folder = UnlabeledImages(root, self._folder_mode(), transform, hp.max_bad_fraction) if root else None
         if folder is not None:
             self._refuse_held_out_duplicates(folder)
+        if self.source == "hfds":
+            from .hf_datasets import refuse_held_out_duplicates
+
+            folder = self._hf.dataset("unlabeled", transform, self._folder_mode()) if split else folder
+            refuse_held_out_duplicates(labeled, folder, list({id(d): d for d in (self.val_set, self.test_set)}.values()))
         ds = WithUnlabeled(labeled, folder, keep)
         log.info("data: %s labelled + %s unlabelled training images (label -1)", f"{ds.num_labeled:,}",
                  f"{len(ds) - ds.num_labeled:,}")

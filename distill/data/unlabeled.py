@@ -146,11 +146,24 @@ class WithUnlabeled(Dataset):
         return list(zip(files, self.targets))
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for attributes not found above: the labelled part's arrays, when it is the whole set.
+        # Only reached for attributes not found above: the labelled part's arrays, when it is the whole set,
+        # and `image_bytes` when the labelled part keeps encoded images (Hugging Face datasets).
         state = self.__dict__
         if "labeled" in state and (name == "root" or (name in ("data", "images", "x") and state.get("_whole"))):
             return getattr(state["labeled"], name)
+        if "labeled" in state and name == "image_bytes" and hasattr(state["labeled"], "image_bytes"):
+            return self._image_bytes
         raise AttributeError(name)
+
+    def _image_bytes(self, i: int) -> bytes:
+        """The stored bytes of image `i` (the teacher cache's fingerprint): the labelled part's, or the
+        unlabelled part's (its file's bytes for a folder)."""
+        if i < len(self.index):
+            return self.labeled.image_bytes(int(self.index[i]))
+        j = i - len(self.index)
+        if hasattr(self.unlabeled, "image_bytes"):
+            return self.unlabeled.image_bytes(j)
+        return Path(self.unlabeled.samples[j][0]).read_bytes()
 
     @property
     def unlabeled_root(self) -> Path | None:
@@ -188,8 +201,15 @@ def _pixel_digest(image) -> str:
 
 def held_out_duplicates(unlabeled: UnlabeledImages, held_out: Dataset) -> list[tuple[Path, str]]:
     """The unlabelled files that are validation or test images too: byte-identical files when the held-out
-    images are files (image folders), the same pixels when they are arrays (digits, CIFAR's arrays).
-    Returns (unlabelled file, what it duplicates) pairs."""
+    images are files (image folders) or stored encoded (Hugging Face datasets: `byte_digests`), the same
+    pixels when they are arrays (digits, CIFAR's arrays). Returns (unlabelled file, what it duplicates) pairs."""
+    digests = getattr(held_out, "byte_digests", None)
+    if digests is not None:
+        theirs = {}
+        for i, digest in enumerate(digests()):
+            theirs.setdefault(digest, held_out.describe(i))
+        found = ((p, theirs.get(_file_digest(p))) for p, _ in unlabeled.samples)
+        return [(p, dup) for p, dup in found if dup is not None]
     samples = getattr(held_out, "samples", None)
     if samples is not None:
         theirs = {}

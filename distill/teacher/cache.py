@@ -137,7 +137,8 @@ def transform_repr(transform: Any) -> str:
 
 
 def dataset_fingerprint(dataset: Any, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Size, classes and a hash of all labels plus a sample of file names or image bytes."""
+    """Size, classes and a hash of all labels plus a sample of file names or image bytes (arrays, or the
+    encoded images of Hugging Face datasets)."""
     n = len(dataset)
     h = hashlib.sha256()
     targets = getattr(dataset, "targets", None)
@@ -152,6 +153,9 @@ def dataset_fingerprint(dataset: Any, class_names: Sequence[str] | None = None) 
             for root in roots:
                 name = name.replace(root, "")
             h.update(name.encode())
+    elif callable(getattr(dataset, "image_bytes", None)):  # Hugging Face datasets: the stored (encoded) images
+        for i in picks:
+            h.update(dataset.image_bytes(int(i)))
     else:  # arrays (digits, CIFAR's .data, synthetic .x, device uint8 tensors)
         data = next((getattr(dataset, a) for a in ("images", "data", "x") if getattr(dataset, a, None) is not None), None)
         if data is not None:
