@@ -160,10 +160,11 @@ VARIANT_LOSS = {
     "lg": dict(mode="hard", alpha=0.5),
     "lg_dkd": dict(mode="dkd", tau=4.0, alpha=0.5, dkd_alpha=1.0, dkd_beta=8.0),
     "token_soft": dict(mode="soft", tau=1.0, alpha=0.5),
+    "cls_soft": dict(mode="soft", tau=1.0, alpha=0.5),  # token_soft's term on the class token
     "fm": dict(mode="soft", tau=1.0, alpha=1.0),  # Beyer et al.'s function matching: KL at tau 1 alone
     "none_mix": dict(mode="none"),
 }
-VARIANT_TOKEN = {"none": False, "soft": False, "hard": False, "fm": False, "none_mix": False}  # every other variant has the distillation token
+VARIANT_TOKEN = {"none": False, "soft": False, "hard": False, "cls_soft": False, "fm": False, "none_mix": False}  # every other variant has the distillation token
 
 
 @pytest.mark.parametrize("variant", sorted(study_variants.VARIANTS))
