@@ -218,6 +218,15 @@ def tiny_rgb_folder(tmp_path_factory) -> Path:
     return write_folder(root, random_images(40, 64, "RGB", seed=1), {"train": 260, "val": 8})
 
 
+@pytest.fixture(scope="module")
+def tiny_unlabeled_folder(tmp_path_factory) -> Path:
+    """40 random RGB images with no class folders, none of them the labelled folder's (other seed)."""
+    root = tmp_path_factory.mktemp("tiny_unlabeled")
+    for i, image in enumerate(random_images(40, 40, "RGB", seed=2)):
+        image.save(root / f"{i}.png")
+    return root
+
+
 def fit_recipe(recipe: Path, args: list[str], root: Path) -> Path:
     from distill.training.lineage import finish_wandb
 
@@ -232,12 +241,15 @@ def fit_recipe(recipe: Path, args: list[str], root: Path) -> Path:
 
 
 @pytest.mark.parametrize("folder", RECIPE_DIRS, ids=lambda p: p.name)
-def test_every_recipe_trains_a_few_steps_through_its_real_transforms(folder, tiny_rgb_folder, tmp_path,
-                                                                      compile_without_inductor):
+def test_every_recipe_trains_a_few_steps_through_its_real_transforms(folder, tiny_rgb_folder, tiny_unlabeled_folder,
+                                                                      tmp_path, compile_without_inductor):
     # a recipe that compiles (cifar10_budget) goes through dynamo and AOT autograd here, without inductor's C++
     # code generation (two minutes on a 2-core CPU for two steps); tests/test_gpu.py compiles with inductor
     data = ["--data.source", "imagefolder", "--data.root", str(tiny_rgb_folder)]
     teacher = fit_recipe(folder / "teacher.yaml", [*CPU_TINY, *data, *TINY_TEACHER], tmp_path / "teacher")
     for student in sorted(folder.glob("student*.yaml")):
-        fit_recipe(student, [*CPU_TINY, *data, *TINY_STUDENT, "--model.init_args.teacher", str(teacher)],
+        # a recipe that reads unlabelled images (cifar10_semi) reads them from a folder of their own here
+        unlabeled = (["--data.unlabeled_root", str(tiny_unlabeled_folder)]
+                     if data_section(student).get("unlabeled_root") else [])
+        fit_recipe(student, [*CPU_TINY, *data, *unlabeled, *TINY_STUDENT, "--model.init_args.teacher", str(teacher)],
                    tmp_path / student.stem)

@@ -218,7 +218,7 @@ def _float32_cache(directory, live: torch.Tensor, precision: str) -> TeacherCach
     keys = np.stack([np.arange(len(live)), np.zeros(len(live), dtype=np.int64)], 1)
     build_cache(directory, lambda x: x, [(live, None, keys)], num_samples=len(live), num_classes=live.shape[1],
                 topk=None, dtype="float32")
-    write_manifest(directory, {"precision": precision}, num_samples=len(live), num_classes=live.shape[1], views=1,
+    write_manifest(directory, {"precision": precision}, num_samples=len(live), num_classes=live.shape[1],
                    topk=None, dtype="float32", world_size=1)
     return TeacherCache(directory)
 
