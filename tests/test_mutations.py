@@ -63,3 +63,13 @@ def test_the_scratch_copy_is_what_the_tests_import(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "True", res.stderr
     assert "MUTATED" not in (REPO / "distill" / "errors.py").read_text()
+
+
+def test_a_parameter_that_pytest_does_not_collect_is_named(tmp_path):
+    """A parametrized test whose parameter was renamed or dropped (its function stays) is named by --check."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('x', [1, 2], ids=['one', 'two'])\ndef test_p(x):\n    pass\n")
+    nodes = {"tests/test_a.py::test_p[one]": "kept", "tests/test_a.py::test_p[three]": "dropped"}
+    assert mutate._parameters_problems(nodes, tmp_path) == [
+        "dropped: tests/test_a.py::test_p[three]: pytest collects no such parameter"]

@@ -260,11 +260,11 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         id="train-loss-logs-the-total",
-        feature="train/loss logs the weighted total, also under DDP with an unused head",
+        feature="train/loss logs the weighted total of its terms",
         file="distill/student/module.py",
         pattern='self.log("train/loss", total, prog_bar=True)',
         replacement='self.log("train/loss", terms.ce, prog_bar=True)',
-        tests=["tests/test_distributed.py::test_student_with_an_unused_head_trains_under_ddp[alpha1]"],
+        tests=["tests/test_student.py::test_logged_metric_names"],  # alpha 0.5: the total is not the CE
     ),
     # ------------------------------------------------------------------------------------ losses
     Mutation(
