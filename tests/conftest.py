@@ -164,3 +164,11 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def earlier_threads() -> set[int]:
+    """The threads running now other than this one: those an earlier test left behind (wandb's service
+    threads reach its server now and then). Network guards refuse their connections without blaming the test."""
+    import threading
+
+    return {t.ident for t in threading.enumerate() if t.ident is not None} - {threading.get_ident()}
