@@ -114,6 +114,20 @@ def built(tmp_path_factory):
     return dict(dir=root / "cache", teacher=teacher, module=module, dm=dm, trainer=trainer)
 
 
+def test_every_fit_meets_the_others_at_the_manifest_barrier_whether_it_found_the_manifest_or_not(
+        built, trainer_factory, monkeypatch):
+    """Under DDP a rank that looks for the manifest after rank 0 wrote it must still call the barrier the other
+    ranks wait in (a skipped barrier hung the DDP cache test under load): a fit on an existing cache calls it too."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    names: list = []
+    barrier = SingleDeviceStrategy.barrier
+    monkeypatch.setattr(SingleDeviceStrategy, "barrier",
+                        lambda self, name=None: (names.append(name), barrier(self, name))[1])
+    _fit(trainer_factory, built["dir"], built["teacher"])  # the manifest exists
+    assert "teacher_cache_manifest" in names, names
+
+
 def test_module_builds_cache_that_matches_live_teacher_on_replayed_views(built):
     cache = TeacherCache(built["dir"])
     m = cache.manifest

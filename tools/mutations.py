@@ -157,6 +157,14 @@ MUTATIONS: list[Mutation] = [
     ),
     # ------------------------------------------------------- issue 28: the weak tests, strengthened
     Mutation(
+        id="cache-manifest-barrier-for-all",
+        feature="every process calls the teacher cache's manifest barrier, also one that found the manifest written",
+        file="distill/teacher/cache.py",
+        pattern='    trainer.strategy.barrier("teacher_cache_manifest")',
+        replacement='        trainer.strategy.barrier("teacher_cache_manifest")',
+        tests=["tests/test_teacher_cache.py::test_every_fit_meets_the_others_at_the_manifest_barrier_whether_it_found_the_manifest_or_not"],
+    ),
+    Mutation(
         id="ema-after-the-optimizer-step",
         feature="the EMA of the student averages the weights after each optimizer step",
         file="distill/student/module.py",

@@ -655,7 +655,9 @@ def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device |
             if trainer.global_rank == 0 and not has_cache(directory):
                 write_manifest(directory, expected, num_samples=expected["data"]["num_samples"], num_classes=num_classes,
                                topk=expected["topk"], dtype=cfg.dtype, world_size=trainer.world_size)
-        trainer.strategy.barrier("teacher_cache_manifest")
+    # Every process meets here, whether it found the manifest or not: a rank that looked after rank 0 had written
+    # it would otherwise skip the barrier the others wait in, and the job's next collective would hang.
+    trainer.strategy.barrier("teacher_cache_manifest")
     cache = TeacherCache(directory)
     cache.check_compatible({k: expected.get(k) for k in ("teacher", "data", "transform", "seed", "precision", "topk",
                                                          "dtype")})
