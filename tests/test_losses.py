@@ -554,6 +554,12 @@ def test_dkd_soft_targets_use_their_argmax():
     assert loss(s, t, flipped).distill.item() == pytest.approx(
         loss(s, t, y.roll(1, dims=0)).distill.item(), rel=1e-6
     )
+    # the function itself, called with soft targets (the loss passes it classes)
+    from distill.losses import dkd_distillation
+
+    assert dkd_distillation(s, t, mixed, 4.0, 1.0, 8.0).item() == approx(dkd_distillation(s, t, y, 4.0, 1.0, 8.0).item())
+    assert dkd_distillation(s, t, flipped, 4.0, 1.0, 8.0).item() == approx(
+        dkd_distillation(s, t, y.roll(1, dims=0), 4.0, 1.0, 8.0).item())
 
 
 @pytest.mark.parametrize("mode", ["soft", "dkd", "dist"])
