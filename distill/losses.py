@@ -39,17 +39,30 @@ def labeled_rows(target: torch.Tensor) -> torch.Tensor:
     return target >= 0 if target.ndim == 1 else target.sum(dim=-1) > 0
 
 
-def ground_truth_term(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy with the ground truth, averaged over the labelled samples of the batch only; 0 (with
-    a gradient of zeros, never NaN) for a batch without any. With every sample labelled it is exactly
-    `F.cross_entropy(logits, target, label_smoothing=...)`, bit for bit. No host synchronisation."""
+CEReduction = Literal["labeled", "batch"]
+CE_REDUCTIONS = ("labeled", "batch")
+
+
+def ground_truth_term(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+                      reduction: str = "labeled") -> torch.Tensor:
+    """Cross-entropy with the ground truth over the labelled samples of the batch only; 0 (with a gradient
+    of zeros, never NaN) for a batch without any. `reduction`: `labeled` averages over the labelled samples
+    (the term keeps its weight however few they are), `batch` sums over them and divides by the batch size
+    (each labelled sample weighs as much as any sample of the teacher term; the term shrinks with the
+    labelled share). With every sample labelled both are exactly `F.cross_entropy(logits, target,
+    label_smoothing=...)`, bit for bit. No host synchronisation."""
     logits = logits.float()
     labeled = labeled_rows(target)
-    if target.ndim == 1:
+    if target.ndim == 1 and reduction == "labeled":
         ce = F.cross_entropy(logits, target, ignore_index=UNLABELED, label_smoothing=label_smoothing)
         return torch.where(labeled.any(), ce, ce.new_zeros(()))  # the mean over no sample is NaN
+    if target.ndim == 1:  # reduction "batch"
+        total = F.cross_entropy(logits, target, ignore_index=UNLABELED, label_smoothing=label_smoothing, reduction="sum")
+        every = F.cross_entropy(logits, target.clamp(min=0), label_smoothing=label_smoothing)  # all labelled: as always
+        return torch.where(labeled.all(), every, total / max(len(target), 1))
     rows = F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
-    masked = (rows * labeled).sum() / labeled.sum().clamp(min=1)
+    count = labeled.sum().clamp(min=1) if reduction == "labeled" else torch.tensor(float(max(len(rows), 1)))
+    masked = (rows * labeled).sum() / count
     every = F.cross_entropy(logits, target, label_smoothing=label_smoothing)  # the same value, as it always was
     return torch.where(labeled.all(), every, masked)
 
@@ -223,6 +236,10 @@ class DistillationLoss(nn.Module):
             Hinton's KD and timm do) or `deit` (divide by batch x classes, as DeiT's reference code
             does, i.e. `batchmean / num_classes`). DKD always divides by the batch size, as its authors.
         label_smoothing: smoothing of the ground-truth term only; the teacher term is never smoothed.
+        ce_reduction: with unlabelled images in the batch, `labeled` (default) averages the ground-truth
+            term over the labelled samples; `batch` sums it over them and divides by the batch size, so a
+            labelled sample weighs as much as any other and the term shrinks with the labelled share
+            (`ground_truth_term`). Identical when every sample is labelled.
         standardize: z-score student and teacher logits per sample before the temperature softmax
             (Logit Standardization, Sun et al., CVPR 2024). Applies to `soft`, `dkd` and `dist`; an
             error with `hard` (the argmax ignores it); ignored by `none`.
@@ -263,8 +280,12 @@ class DistillationLoss(nn.Module):
         dkd_warmup_epochs: int = 0,
         dist_beta: float = 1.0,
         dist_gamma: float = 1.0,
+        ce_reduction: CEReduction = "labeled",
     ) -> None:
         super().__init__()
+        if ce_reduction not in CE_REDUCTIONS:
+            raise ValueError(f"DistillationLoss: ce_reduction={ce_reduction!r} is unknown; use 'labeled' (the mean over "
+                             f"the labelled samples) or 'batch' (their sum over the batch size)")
         if mode not in MODES:
             raise ValueError(f"DistillationLoss: mode={mode!r} is unknown; use one of {', '.join(MODES)}")
         if kl_reduction not in ("batchmean", "deit"):
@@ -300,6 +321,7 @@ class DistillationLoss(nn.Module):
         self.tau = float(tau)
         self.kl_reduction = kl_reduction
         self.label_smoothing = float(label_smoothing)
+        self.ce_reduction = ce_reduction
         self.standardize = standardize
         self.dkd_warmup_epochs = dkd_warmup_epochs
         self._epoch: float | None = None
@@ -316,6 +338,7 @@ class DistillationLoss(nn.Module):
             tau=self.tau,
             kl_reduction=self.kl_reduction,
             label_smoothing=self.label_smoothing,
+            ce_reduction=self.ce_reduction,
             standardize=self.standardize,
             dkd_alpha=self.dkd_alpha,
             dkd_beta=self.dkd_beta,
@@ -358,7 +381,7 @@ class DistillationLoss(nn.Module):
             z_cls, z_dist = student_out
         else:
             z_cls = z_dist = student_out
-        ce = ground_truth_term(z_cls, target, self.label_smoothing)
+        ce = ground_truth_term(z_cls, target, self.label_smoothing, self.ce_reduction)
         labeled = labeled_rows(target)
         fraction = labeled.float().mean()
         if self.mode == "none":

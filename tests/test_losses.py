@@ -312,7 +312,7 @@ def test_config_round_trips():
     again = DistillationLoss(**loss.config())
     assert again.config() == loss.config() == dict(
         mode="soft", alpha=0.2, tau=3.0, kl_reduction="deit", label_smoothing=0.1, standardize=False,
-        dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=0, dist_beta=1.0, dist_gamma=1.0,
+        dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=0, dist_beta=1.0, dist_gamma=1.0, ce_reduction="labeled",
     )
 
 

@@ -237,6 +237,27 @@ def test_unlabelled_images_reach_the_distillation_term_and_not_the_ground_truth_
     torch.testing.assert_close(one.grad[~labeled], alone.grad[~labeled])
 
 
+def test_ce_reduction_batch_sums_the_labelled_rows_over_the_batch_size():
+    """`ce_reduction: batch`: the ground-truth term is the labelled rows' cross-entropy summed and divided by the
+    batch size (an independent sum here), for class indices and for mixed soft targets; with every row
+    labelled it is the usual mean, bit for bit, as with `labeled`; an unknown value is one line."""
+    z_cls, z_dist, z_t, y = _batch()
+    labeled = y >= 0
+    rows = F.cross_entropy(z_cls[labeled], y[labeled], reduction="none", label_smoothing=0.1)
+    batch = DistillationLoss("soft", alpha=0.3, label_smoothing=0.1, ce_reduction="batch")
+    torch.testing.assert_close(batch((z_cls, z_dist), z_t, y).ce, rows.sum() / 8)
+    soft = torch.zeros(8, 5)
+    soft[labeled] = F.one_hot(y[labeled], 5).float()
+    torch.testing.assert_close(batch((z_cls, z_dist), z_t, soft).ce, rows.new_tensor(
+        F.cross_entropy(z_cls[labeled], soft[labeled], reduction="none", label_smoothing=0.1).sum() / 8))
+    full = y.clamp(min=0)
+    for target in (full, F.one_hot(full, 5).float()):
+        assert torch.equal(batch((z_cls, z_dist), z_t, target).ce, F.cross_entropy(z_cls, target, label_smoothing=0.1))
+    assert batch.config()["ce_reduction"] == "batch" and DistillationLoss().config()["ce_reduction"] == "labeled"
+    with pytest.raises(ValueError, match="ce_reduction='mean' is unknown"):
+        DistillationLoss("soft", ce_reduction="mean")
+
+
 def test_a_batch_without_any_label_has_a_zero_ground_truth_term_never_nan():
     z_cls, z_dist, z_t, y = _batch()
     y[:] = -1
