@@ -149,11 +149,13 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         id="cache-lock-per-shard",
-        feature="each DDP rank builds its cache shard under its own lock (one shared lock deadlocks the job)",
+        feature="each DDP rank builds its cache shard under its own lock (one shared lock makes the ranks wait "
+                "for each other's builds, or time out under DISTILL_CACHE_LOCK_TIMEOUT)",
         file="distill/teacher/cache.py",
         pattern='path = directory / f".build-{rank:04d}.lock"',
         replacement='path = directory / ".build.lock"',
-        tests=["tests/test_distributed.py::test_one_wandb_run_per_job_and_teacher_cache_sharded_by_process"],
+        tests=["tests/test_teacher_cache.py::test_a_wait_for_another_build_of_the_same_shard_is_bounded_when_asked",
+               "tests/test_distributed.py::test_one_wandb_run_per_job_and_teacher_cache_sharded_by_process"],
     ),
     # ------------------------------------------------------- issue 28: the weak tests, strengthened
     Mutation(
