@@ -148,7 +148,7 @@ def test_study_resumes_and_runs_the_new_variants(tmp_path):
 # Each variant's whole loss configuration, as the module docstring (and the README) state it, on top of the
 # digits student recipe (hard, alpha 0.5): every field of DistillationLoss, not only the mode.
 LOSS_DEFAULTS = dict(mode="hard", alpha=0.5, tau=1.0, kl_reduction="batchmean", label_smoothing=0.0, standardize=False,
-                     dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=0, dist_beta=1.0, dist_gamma=1.0)
+                     dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup_epochs=0, dist_beta=1.0, dist_gamma=1.0, ce_reduction="labeled")
 VARIANT_LOSS = {
     "none": dict(mode="none"),
     "soft": dict(mode="soft", tau=3.0, alpha=0.1, kl_reduction="deit"),  # DeiT's soft distillation
