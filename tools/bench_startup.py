@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
     load_after = os.getloadavg()
 
-    results = [dict(name=name, argv=["python", *cmd], kind=kind, pythonpath=env["PYTHONPATH"],
+    # which checkout each command imported, by role: a path of this machine is not published
+    results = [dict(name=name, argv=["python", *cmd], kind=kind,
+                    imports="the baseline checkout" if kind == "baseline" else "this checkout",
                     median_s=round(statistics.median(times[name]), 3), min_s=round(min(times[name]), 3),
                     max_s=round(max(times[name]), 3), times_s=[round(t, 3) for t in times[name]])
                for name, cmd, kind, env in plan]
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         command="python tools/bench_startup.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         cpu=cpu_name(), cpu_count=os.cpu_count(), load_average_before=[round(x, 2) for x in load_before],
         load_average_after=[round(x, 2) for x in load_after], versions=versions(), runs=args.runs,
-        date=time.strftime("%Y-%m-%d %H:%M:%S"), baseline=args.baseline, results=results,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"), baseline=Path(args.baseline).name if args.baseline else None, results=results,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
