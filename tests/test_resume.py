@@ -352,7 +352,7 @@ def test_last_checkpoint_follows_each_validation_inside_an_epoch(tmp_path, tiny_
 
 # ------------------------------------------------------------------ in-process resume with workers
 def _fit_keyed_student(root: Path, max_epochs: int, tiny_student: dict, ckpt: Path | None = None,
-                       save_after_epoch0: Path | None = None):
+                       save_after_epoch0: Path | None = None, max_steps: int = -1, val_batches: int = 0):
     import lightning as L
     from conftest import make_trainer
     from probes import RecordDraws
@@ -371,8 +371,8 @@ def _fit_keyed_student(root: Path, max_epochs: int, tiny_student: dict, ckpt: Pa
             if save_after_epoch0 is not None and trainer.current_epoch == 0:
                 trainer.save_checkpoint(save_after_epoch0)
 
-    trainer = make_trainer(root, max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=0,
-                           callbacks=[record, SaveAfterEpoch0()])
+    trainer = make_trainer(root, max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=3,
+                           limit_val_batches=val_batches, callbacks=[record, SaveAfterEpoch0()])
     trainer.fit(module, dm, ckpt_path=ckpt)
     return trainer, module, record
 
@@ -386,6 +386,31 @@ def test_keyed_resume_at_an_epoch_boundary_with_workers_trains_the_resumed_epoch
     _, clean, clean_draws = _fit_keyed_student(tmp_path / "clean", 2, tiny_student, save_after_epoch0=saved)
     _, resumed, resumed_draws = _fit_keyed_student(tmp_path / "resumed", 2, tiny_student, ckpt=saved)
     assert resumed_draws.keys == clean_draws.keys[3:]
+    assert resumed_draws.states == clean_draws.states[3:]
+    for key, value in clean.student.state_dict().items():
+        torch.testing.assert_close(resumed.student.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("val_batches", [0, 1], ids=["not-validated", "validated-each-epoch"])
+def test_keyed_resume_at_an_epoch_end_of_a_run_counted_in_steps_goes_on_with_the_next_epoch(tmp_path, tiny_student,
+                                                                                           monkeypatch, val_batches):
+    """A run bounded by `max_steps` (`max_epochs` -1), resumed from a checkpoint written when an epoch ended
+    without validation (what `last` holds between validations every n steps): Lightning 2.6 re-enters that
+    epoch, trains one batch too many and from then on sets the samplers' epoch one ahead of
+    `current_epoch`, so keyed views (and a teacher cache's views, built for `current_epoch`) drift by one.
+    The resumed run must train what the uninterrupted one trained: the same keys, views and weights. Also
+    when each epoch ends with a validation (the checkpoint is then written after it)."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "helpers"))
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    saved = tmp_path / "epoch0.ckpt"
+    clean_trainer, clean, clean_draws = _fit_keyed_student(tmp_path / "clean", -1, tiny_student,
+                                                           save_after_epoch0=saved, max_steps=9, val_batches=val_batches)
+    trainer, resumed, resumed_draws = _fit_keyed_student(tmp_path / "resumed", -1, tiny_student, ckpt=saved,
+                                                         max_steps=9, val_batches=val_batches)
+    assert clean_trainer.global_step == trainer.global_step == 9
+    assert trainer.current_epoch == clean_trainer.current_epoch
+    assert resumed_draws.keys == clean_draws.keys[3:]
+    assert resumed_draws.views == clean_draws.views[3:] == [[1] * 32] * 3 + [[2] * 32] * 3
     assert resumed_draws.states == clean_draws.states[3:]
     for key, value in clean.student.state_dict().items():
         torch.testing.assert_close(resumed.student.state_dict()[key], value, rtol=0, atol=0, msg=key)

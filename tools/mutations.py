@@ -492,6 +492,15 @@ MUTATIONS: list[Mutation] = [
     ),
     # ------------------------------------------------------------------------------ resume
     Mutation(
+        id="resume-step-bounded-epoch-end",
+        feature="a run bounded by max_steps resumed from an epoch-end checkpoint goes on with the next epoch",
+        file="distill/training/fault_tolerance.py",
+        pattern="""        _finish_the_ended_epoch(trainer)
+        if self._resumed is None""",
+        replacement="""        if self._resumed is None""",
+        tests=["tests/test_resume.py::test_keyed_resume_at_an_epoch_end_of_a_run_counted_in_steps_goes_on_with_the_next_epoch"],
+    ),
+    Mutation(
         id="resume-own-rank-state",
         feature="on resume each process takes its own rank's random state from the checkpoint",
         file="distill/training/fault_tolerance.py",

@@ -87,7 +87,8 @@ class ResumeState(L.Callback):
     What resumes bit-identically (same number of processes):
       - from an epoch boundary (the default checkpoints, written at validation or epoch end): plain
         and keyed training loaders; tested with plain loaders (mixup/cutmix, RandAugment, num_workers
-        0) and keyed views (num_workers 1) in one process;
+        0) and keyed views (num_workers 1) in one process, in runs bounded by epochs or by `max_steps`
+        (where Lightning would re-enter the ended epoch: see `_finish_the_ended_epoch`);
       - from the middle of an epoch (step checkpoints, `checkpoint.every_n_train_steps`, or
         `trainer.val_check_interval` < 1): only `data.keyed_views: true` (any num_workers), whose
         loader saves its position; tested in one process and in two. Plain loaders (and
@@ -151,6 +152,7 @@ class ResumeState(L.Callback):
             seed_rngs(seed + trainer.global_rank)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _finish_the_ended_epoch(trainer)
         if self._resumed is None or not _resumes_mid_epoch(trainer):
             return  # fresh, or resumed at an epoch boundary: see on_train_epoch_start
         resumed, self._resumed = self._resumed, None
@@ -164,6 +166,24 @@ class ResumeState(L.Callback):
         resumed, self._resumed = self._resumed, None
         set_rng_state(resumed)
         _rebuild_train_iterator(trainer)
+
+
+def _finish_the_ended_epoch(trainer: L.Trainer) -> None:
+    """A run bounded by `max_steps` resumed from a checkpoint written as an epoch ended (in
+    `on_train_epoch_end`, as `last` is between validations every n steps): Lightning 2.6 keeps restarting
+    that epoch (it treats every resume of such a run as a restart), trains one batch past its end and
+    from then on hands the samplers an epoch one ahead of `current_epoch`. Record the epoch as completed
+    and start the next one fresh, as Lightning does for a run bounded by epochs. Called at train start,
+    after the loops were restored and before the first epoch starts."""
+    from lightning.pytorch.loops.loop import _Loop
+
+    fit_loop = trainer.fit_loop
+    if not (fit_loop.restarting and fit_loop._iteration_based_training() and fit_loop.restarted_on_epoch_end):
+        return
+    fit_loop.epoch_progress.increment_completed()
+    _Loop.restarting.fset(fit_loop, False)  # and its epoch and validation loops: they start afresh
+    for loop in (fit_loop, fit_loop.epoch_loop, fit_loop.epoch_loop.val_loop):
+        loop.reset_restart_stage()
 
 
 def _resumes_mid_epoch(trainer: L.Trainer) -> bool:

@@ -29,6 +29,7 @@ class RecordDraws(L.Callback):
         self.lams: list[list] = []
         self.states: list[list[float]] = []
         self.keys: list[list[int]] = []
+        self.views: list[list[int]] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
         mixup = getattr(trainer.datamodule, "mixup_fn", None)
@@ -48,10 +49,11 @@ class RecordDraws(L.Callback):
         torch.set_rng_state(t), np.random.set_state(n), random.setstate(p)
         if len(batch) == 3:  # keyed views: the sample indices of the batch
             self.keys.append([int(i) for i in batch[2][:, 0]])
+            self.views.append([int(v) for v in batch[2][:, 1]])
 
     def on_fit_end(self, trainer, pl_module) -> None:
         _write(trainer, f"draws-rank{trainer.global_rank}.json", {"lams": self.lams, "states": self.states,
-                                                                    "keys": self.keys})
+                                                                    "keys": self.keys, "views": self.views})
 
 
 class CountValidation(L.Callback):
