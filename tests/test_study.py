@@ -530,11 +530,14 @@ def test_the_study_itself_drops_the_runs_of_a_changed_given_teacher(tmp_path, mo
     assert second["teacher"]["sha256"] == new_sha and second["teacher"]["val/acc"] == 0.7
 
 
-def interrupted_run(tmp_path, monkeypatch, calls: list, recorded_edit=None, after_write=None):
+def interrupted_run(tmp_path, monkeypatch, calls: list, recorded_edit=None, after_write=None, step=None, kept=None):
     """A study whose none-seed0 was interrupted after epoch 2 (its last checkpoint, config.yaml and the
     metrics of epochs 0-3 on disk); `recorded_edit(config)` changes the config.yaml it recorded,
-    `after_write(config)` runs once the folder is written."""
+    `after_write(config)` runs once the folder is written; `step` trains in place of the default fake;
+    `kept` (a dict) receives the study's earlier results as "previous"."""
     previous = fake_study(tmp_path, monkeypatch, [])
+    if kept is not None:
+        kept["previous"] = previous
     runs = tmp_path / "study" / "runs"
     root = runs / "none-seed0"
     args = [*study_variants.VARIANTS["none"], "--seed_everything", "0", "--model.init_args.teacher",
@@ -558,7 +561,7 @@ def interrupted_run(tmp_path, monkeypatch, calls: list, recorded_edit=None, afte
         torch.save({"epoch": 3}, root / "checkpoints" / "last.ckpt")  # training ends by overwriting last.ckpt
         return str(root / "checkpoints" / "last.ckpt"), {"val/acc": 0.6}, 1.0
 
-    monkeypatch.setattr(study_runs, "run_step", run_step)
+    monkeypatch.setattr(study_runs, "run_step", step or run_step)
     return study_runs.run_study(str(REPO / "recipes/digits"), ["none"], 1, runs.parent, [], "cmd", previous=previous), root
 
 
@@ -571,6 +574,45 @@ def test_an_interrupted_run_continues_from_its_last_checkpoint(tmp_path, monkeyp
     assert [(r["epoch"], r["val/acc"]) for r in rows] == [("0", ""), ("0", "0.3"), ("1", ""), ("2", ""), ("2", "0.5"),
                                                           ("3", ""), ("3", "0.6")]  # the lost epoch 3 once, the new one
     assert rows[-2]["lr-AdamW"] == "0.1" and rows[0]["lr-AdamW"] == ""
+
+
+def test_a_run_interrupted_twice_keeps_the_metrics_of_every_part(tmp_path, monkeypatch):
+    """Interrupted after epoch 2, resumed, interrupted again in epoch 4 (after the checkpoint of epoch 3),
+    resumed and finished: Lightning starts metrics.csv anew at each resume, so the rows of epochs 0-2
+    must survive the second interruption (in metrics.earlier.csv until the run finishes)."""
+
+    class Killed(BaseException):
+        pass
+
+    calls = []
+
+    def killed_in_epoch_4(config, args, root, score, resume=None):
+        calls.append((root.name, resume))
+        (root / "metrics.csv").write_text("epoch,step,train/loss,val/acc\n3,20,0.55,\n3,20,,0.6\n4,25,0.5,\n")
+        torch.save({"epoch": 3}, root / "checkpoints" / "last.ckpt")
+        raise Killed
+
+    kept = {}
+    with pytest.raises(Killed):
+        interrupted_run(tmp_path, monkeypatch, calls, step=killed_in_epoch_4, kept=kept)
+    root = tmp_path / "study" / "runs" / "none-seed0"
+    assert (root / study_runs.EARLIER_METRICS).is_file()
+
+    def finishes(config, args, root, score, resume=None):
+        calls.append((root.name, resume))
+        (root / "metrics.csv").write_text("epoch,step,train/loss,val/acc\n4,25,0.45,\n4,25,,0.7\n")
+        torch.save({"epoch": 4}, root / "checkpoints" / "last.ckpt")
+        return str(root / "checkpoints" / "last.ckpt"), {"val/acc": 0.7}, 1.0
+
+    monkeypatch.setattr(study_runs, "run_step", finishes)
+    results = study_runs.run_study(str(REPO / "recipes/digits"), ["none"], 1, root.parent.parent, [], "cmd",
+                                   previous=kept["previous"])
+    assert [c[1] is not None for c in calls] == [True, True]
+    rows = list(csv.DictReader((root / "metrics.csv").open()))
+    assert [(r["epoch"], r["val/acc"]) for r in rows] == [("0", ""), ("0", "0.3"), ("1", ""), ("2", ""), ("2", "0.5"),
+                                                          ("3", ""), ("3", "0.6"), ("4", ""), ("4", "0.7")]
+    assert results["runs"][0]["curve"]["val/acc"] == [0.3, 0.5, 0.6]  # the last row is the re-validation
+    assert not (root / study_runs.EARLIER_METRICS).exists()
 
 
 def test_an_interrupted_run_of_another_recipe_starts_over(tmp_path, monkeypatch):

@@ -492,6 +492,14 @@ MUTATIONS: list[Mutation] = [
     ),
     # ------------------------------------------------------------------------------ resume
     Mutation(
+        id="study-keeps-earlier-metrics",
+        feature="a study run interrupted twice keeps the metrics of every part (metrics.earlier.csv)",
+        file="distill/commands/study_runs.py",
+        pattern="""earlier = keep_earlier_metrics(root)""",
+        replacement="""earlier = (root / "metrics.csv").read_text() if (root / "metrics.csv").is_file() else None""",
+        tests=["tests/test_study.py::test_a_run_interrupted_twice_keeps_the_metrics_of_every_part"],
+    ),
+    Mutation(
         id="resume-step-bounded-epoch-end",
         feature="a run bounded by max_steps resumed from an epoch-end checkpoint goes on with the next epoch",
         file="distill/training/fault_tolerance.py",

@@ -169,15 +169,15 @@ def checkpoint_epoch(path: str) -> int:
     return int(epoch) + 1
 
 
-def join_metrics(earlier: str | None, path: Path) -> None:
-    """A resumed run's metrics.csv holds the resumed epochs only (Lightning's CSV logger starts it anew):
-    put the interrupted part's rows (the epochs before the resumed checkpoint's) in front again."""
+EARLIER_METRICS = "metrics.earlier.csv"
+
+
+def joined_metrics(earlier: str, later: str | None) -> str:
+    """The rows of `earlier` (a metrics.csv) before the first epoch `later` logs, then `later`'s rows."""
     import csv
     import io
 
-    if not earlier or not path.is_file():
-        return
-    new_rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    new_rows = list(csv.DictReader(io.StringIO(later or "")))
     first = min((int(r["epoch"]) for r in new_rows if r.get("epoch")), default=None)
     old = csv.DictReader(io.StringIO(earlier))
     old_rows = [r for r in old if first is None or (r.get("epoch") and int(r["epoch"]) < first)]
@@ -186,9 +186,41 @@ def join_metrics(earlier: str | None, path: Path) -> None:
     writer = csv.DictWriter(out, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows([*old_rows, *new_rows])
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(out.getvalue())
+    return out.getvalue()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def metrics_so_far(root: Path) -> str | None:
+    """Everything a run folder's metrics have logged so far. Lightning's CSV logger starts metrics.csv
+    anew at each resume, so before a resumed part trains, the rows until then are kept in
+    metrics.earlier.csv (`keep_earlier_metrics`): after a run interrupted more than once they are joined
+    with the rows of the part that was interrupted."""
+    log, kept = root / "metrics.csv", root / EARLIER_METRICS
+    later = log.read_text() if log.is_file() else None
+    return joined_metrics(kept.read_text(), later) if kept.is_file() else later
+
+
+def keep_earlier_metrics(root: Path) -> str | None:
+    """Before a run folder's training resumes: its metrics so far, saved to metrics.earlier.csv (a second
+    interruption must not lose them) and returned for `join_metrics` when the run finishes."""
+    earlier = metrics_so_far(root)
+    if earlier:
+        _write_atomically(root / EARLIER_METRICS, earlier)
+    return earlier
+
+
+def join_metrics(earlier: str | None, path: Path) -> None:
+    """A resumed run's metrics.csv holds the resumed epochs only (Lightning's CSV logger starts it anew):
+    put the interrupted parts' rows (the epochs before the resumed checkpoint's) in front again, then
+    drop metrics.earlier.csv."""
+    if earlier and path.is_file():
+        _write_atomically(path, joined_metrics(earlier, path.read_text()))
+    (path.parent / EARLIER_METRICS).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ teacher
@@ -360,7 +392,7 @@ def run_study(recipe: str, variants: list[str], seeds: int, study: Path, overrid
                     else:
                         resumed_from = checkpoint_epoch(resume)  # before the run overwrites last.ckpt
                         print(f"resuming {root.name} from {resume} (epoch {resumed_from})", file=sys.stderr)
-                        earlier = (root / "metrics.csv").read_text() if (root / "metrics.csv").is_file() else None
+                        earlier = keep_earlier_metrics(root)
                 ckpt, metrics, seconds = run_step(student_yaml, args, root, score, resume=resume)
                 run = {"variant": variant, "seed": seed, "checkpoint": relative_to(ckpt, study), "teacher_sha256": teacher_sha,
                        "seconds": round(seconds, 1), "metrics": metrics, "finished_at": round(time.time(), 3)}
