@@ -490,6 +490,14 @@ MUTATIONS: list[Mutation] = [
         replacement="            pass",
         tests=["tests/test_teacher_cache.py::test_cache_that_disagrees_with_live_teacher_is_refused"],
     ),
+    Mutation(
+        id="endpoint-port-from-scheme",
+        feature="an endpoint without a port is tried on its scheme's (443 for https)",
+        file="distill/network.py",
+        pattern="""port = parsed.port or (443 if parsed.scheme == "https" else 80)""",
+        replacement="""port = parsed.port or 80""",
+        tests=["tests/test_network.py"],
+    ),
     # ------------------------------------------------------------------------------ resume
     Mutation(
         id="study-keeps-earlier-metrics",

@@ -150,17 +150,11 @@ def _offline() -> bool:
 
 
 def hub_reachable() -> tuple[bool, str]:
-    """(True, "") when one TCP connection to the Hub's endpoint succeeds within a few seconds."""
-    import socket
-    from urllib.parse import urlparse
+    """(True, "") when one TCP connection to the Hub's endpoint (datasets' HF_ENDPOINT) succeeds within
+    CONNECT_TIMEOUT_S."""
+    from ..network import endpoint_reachable
 
-    url = urlparse(_datasets().config.HF_ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        return False, f"{type(e).__name__}: {e}".strip()
-    return True, ""
+    return endpoint_reachable(_datasets().config.HF_ENDPOINT, CONNECT_TIMEOUT_S)
 
 
 @contextmanager

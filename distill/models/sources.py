@@ -173,19 +173,13 @@ def _hub_offline() -> bool:
 
 
 def hub_reachable() -> tuple[bool, str]:
-    """(True, "") when one TCP connection to the Hub's endpoint succeeds within a few seconds."""
-    import socket
-    from urllib.parse import urlparse
-
+    """(True, "") when one TCP connection to the Hub's endpoint (huggingface_hub's ENDPOINT) succeeds
+    within CONNECT_TIMEOUT_S."""
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        return False, f"{type(e).__name__}: {e}".strip()
-    return True, ""
+    from ..network import endpoint_reachable
+
+    return endpoint_reachable(constants.ENDPOINT, CONNECT_TIMEOUT_S)
 
 
 def _hub_folder(ident: str, name: str, field_name: str) -> Path:
