@@ -259,6 +259,38 @@ def test_student_with_keyed_views_resumes_mid_epoch_bit_identically(tmp_path, ti
     assert a["distill_run"]["metrics"] == b["distill_run"]["metrics"]
 
 
+@pytest.mark.slow
+def test_student_with_a_teacher_cache_resumes_a_run_counted_in_steps_from_an_epoch_end(tmp_path, tiny_teacher_ckpt):
+    """The cifar10_semi study's case: a run bounded by max_steps, validated every 8 steps (epochs of 4), its
+    teacher's outputs read from a cache that grows a view per epoch. Killed in epoch 1, it resumes from
+    `last` as epoch 0 ended (not validated): it must go on with epoch 1 (whose view the cache builds),
+    not fail on a view one ahead, and end where the uninterrupted run ends."""
+    common = [
+        "--config", STUDENT, *QUIET, "--model.init_args.teacher", str(tiny_teacher_ckpt),
+        "--model.init_args.student.depth", "1", "--model.init_args.student.embed_dim", "32",
+        "--model.init_args.student.num_heads", "2", "--model.init_args.warmup_epochs", "0",
+        "--model.init_args.loss.mode", "soft", "--data.keyed_views", "true",
+        "--trainer.max_epochs", "-1", "--trainer.max_steps", "12", "--trainer.limit_train_batches", "4",
+        "--trainer.val_check_interval", "8", "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.limit_val_batches", "1", "--trainer.deterministic", "true",
+    ]
+    runs = {}
+    for name in ("clean", "killed"):
+        cache = ["--model.init_args.teacher_cache.dir", str(tmp_path / name / "cache")]
+        kill = ["--trainer.callbacks", '[{"class_path": "killer.KillAtStep", "init_args": {"step": 6}}]']
+        run = distill_fit(*common, *cache, *(kill if name == "killed" else []), root=tmp_path / name)
+        assert run.returncode == (-9 if name == "killed" else 0), run.stderr[-3000:]
+        runs[name] = cache
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert load(last)["global_step"] == 4  # epoch 0's end, without validation
+    resumed = distill_fit(*common, *runs["killed"], "--ckpt_path", "last", root=tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load(tmp_path / "clean" / "checkpoints" / "last.ckpt"), load(last)
+    assert a["global_step"] == b["global_step"] == 12 and a["epoch"] == b["epoch"]
+    assert_same_weights(a, b)
+    assert a["distill_run"]["metrics"] == b["distill_run"]["metrics"]
+
+
 def test_last_checkpoint_is_the_last_state_when_the_metric_peaked_early(tmp_path, monkeypatch):
     from distill.commands.main import main
 

@@ -514,7 +514,8 @@ MUTATIONS: list[Mutation] = [
         pattern="""        _finish_the_ended_epoch(trainer)
         if self._resumed is None""",
         replacement="""        if self._resumed is None""",
-        tests=["tests/test_resume.py::test_keyed_resume_at_an_epoch_end_of_a_run_counted_in_steps_goes_on_with_the_next_epoch"],
+        tests=["tests/test_resume.py::test_keyed_resume_at_an_epoch_end_of_a_run_counted_in_steps_goes_on_with_the_next_epoch",
+               "tests/test_resume.py::test_student_with_a_teacher_cache_resumes_a_run_counted_in_steps_from_an_epoch_end"],
     ),
     Mutation(
         id="resume-own-rank-state",
