@@ -325,6 +325,60 @@ def test_the_student_step_logs_the_labelled_share_and_feeds_the_loss_labels_of_m
     assert len(shares) == 4 and all(0 <= s < 0.2 for s in shares) and sum(shares) > 0
 
 
+@pytest.mark.parametrize("form", ["feature_guidance", "ensemble"])
+def test_feature_guidance_and_ensembles_learn_from_unlabelled_images(tmp_path, trainer_factory, form):
+    """The student forms with extra parts read unlabelled images end to end: feature guidance (live teacher's
+    feature maps on every image) and a two-teacher ensemble (the combination on every image), on digits with
+    3 labels a class in batches a quarter labelled. The loss gets -1 where a label is held back, its
+    ground-truth term is the labelled rows' cross-entropy and its distillation term covers every row."""
+    from conftest import make_trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from distill.teacher.ensemble import combine_logits
+
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        t = make_trainer(tmp_path / f"t{seed}", max_steps=2, limit_val_batches=0)
+        t.fit(TeacherModule(**TINY_TEACHER), ImageDataModule("digits", img_size=8, batch_size=10, labels_per_class=3))
+        t.save_checkpoint(tmp_path / f"teacher{seed}.ckpt")
+        teachers.append(str(tmp_path / f"teacher{seed}.ckpt"))
+    if form == "feature_guidance":
+        extra = dict(teacher=teachers[0],
+                     feature_guidance=dict(student_blocks=[0], teacher_layers=["stages.0"], weight=2.5))
+    else:
+        extra = dict(teacher=teachers, teacher_combine="mean_probs")
+    module = DistillModule(student=dict(TINY_STUDENT, distilled=False), warmup_epochs=0,
+                           loss=DistillationLoss("soft", alpha=0.5), **extra)
+    probe = LossInputs()
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, labels_per_class=3, labeled_fraction=0.25)
+    trainer = trainer_factory(max_steps=3, limit_val_batches=0, callbacks=[probe], log_every_n_steps=1,
+                              logger=CSVLogger(tmp_path / "log", name="", version=""))
+    trainer.fit(module, dm)
+    assert len(probe.calls) == 3
+    for (x, y), call in zip(probe.batches, probe.calls):
+        labelled = y >= 0
+        assert labelled.float().mean().item() == 0.25 and torch.equal(call["target"], y)
+        terms, student = call["terms"], call["student"]
+        torch.testing.assert_close(terms.ce, F.cross_entropy(student[labelled], y[labelled]))
+        teacher = call["teacher"]
+        torch.testing.assert_close(terms.distill, F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1),
+                                                           reduction="batchmean", log_target=True))
+        if form == "ensemble":
+            with torch.no_grad():
+                members = [m(x) for m in module.teacher.members]
+            torch.testing.assert_close(teacher, combine_logits(members, "mean_probs"))
+    import csv
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "log" / "metrics.csv")) if r.get("train/loss")]
+    assert len(rows) == 3
+    for r in rows:
+        mix = 0.5 * float(r["train/loss_ce"]) + 0.5 * float(r["train/loss_distill"])
+        feature = float(r["train/loss_feature"]) if form == "feature_guidance" else 0.0
+        assert feature >= 0 and float(r["train/loss"]) == pytest.approx(mix + 2.5 * feature, rel=1e-4)
+        assert (feature > 0) == (form == "feature_guidance")
+
+
 # ----------------------------------------------------------------------------- the labelled share of a batch
 def test_every_batch_holds_the_labelled_share_asked_for_on_every_loader():
     """data.labeled_fraction 0.25 with 5 labels a class of digits (3.5% of the images): every batch of the host,

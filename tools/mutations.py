@@ -498,6 +498,22 @@ MUTATIONS: list[Mutation] = [
         replacement="""port = parsed.port or 80""",
         tests=["tests/test_network.py"],
     ),
+    Mutation(
+        id="unlabeled-ensemble-combination",
+        feature="a teacher ensemble teaches unlabelled images with its combination",
+        file="distill/teacher/ensemble.py",
+        pattern="""        return combine_logits(logits, self.combine)""",
+        replacement="""        return logits[0]""",
+        tests=["tests/test_unlabeled.py::test_feature_guidance_and_ensembles_learn_from_unlabelled_images"],
+    ),
+    Mutation(
+        id="unlabeled-guidance-in-total",
+        feature="feature guidance's term joins the loss on batches with unlabelled images",
+        file="distill/student/module.py",
+        pattern="""            total = total + self.guidance.weight * feature_loss""",
+        replacement="""            total = total + 0.0 * feature_loss""",
+        tests=["tests/test_unlabeled.py::test_feature_guidance_and_ensembles_learn_from_unlabelled_images"],
+    ),
     # ------------------------------------------------------------------------------ resume
     Mutation(
         id="study-keeps-earlier-metrics",
