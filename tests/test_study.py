@@ -1073,3 +1073,38 @@ def test_saving_keeps_of_one_run_the_one_finished_last(tmp_path):
     assert study_runs.merge(new, old, 0.0, tmp_path)["runs"] == new["runs"]
     newer = {**base, "runs": [entry(0.6, finished_at=3.0)]}
     assert study_runs.merge(new, newer, 0.0, tmp_path)["runs"] == newer["runs"]
+
+
+# ------------------------------------------------------------------------------ --progress: runs not finished
+def test_progress_reports_the_unfinished_runs_as_far_as_they_got(tmp_path, capsys):
+    """A study with one finished run (in results.json) and one resumed twice and interrupted (its metrics
+    split between metrics.earlier.csv and metrics.csv, its claim left by a dead process): --progress writes
+    progress.md with the unfinished run alone, the steps of its last checkpoint, every validation so far
+    (from both files) and no live worker; it trains nothing."""
+    out = tmp_path / "study"
+    runs = out / "runs"
+    config = {"trainer": {"max_steps": 100, "accelerator": "cpu", "devices": 1},
+              "data": {"class_path": "distill.ImageDataModule", "init_args": {"batch_size": 16}}}
+    for name in ("none-seed0", "kl-seed0"):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "config.yaml").write_text(yaml.safe_dump(config))
+    (out / "results.json").write_text(json.dumps({"runs": [{"variant": "none", "seed": 0, "metrics": {}}]}))
+    torch.save({"epoch": 5, "global_step": 60}, runs / "kl-seed0" / "checkpoints" / "last.ckpt")
+    (runs / "kl-seed0" / study_runs.EARLIER_METRICS).write_text("epoch,step,val/acc\n1,19,0.25\n3,39,0.5\n")
+    (runs / "kl-seed0" / "metrics.csv").write_text("epoch,step,train/loss,val/acc\n4,45,0.9,\n5,59,,0.625\n6,61,0.8\n")
+    (runs / "kl-seed0.running").write_text(json.dumps({"pid": 2 ** 22 + 7, "boot": "another boot"}))
+
+    assert distill(["study", str(REPO / "recipes/digits"), "--out", str(out), "--progress"]) == 0
+    text = (out / "progress.md").read_text()
+    assert capsys.readouterr().out == text
+    assert "none-seed0" not in text and "--progress" in text.splitlines()[1]
+    assert "| kl-seed0 | 60 steps (960 samples) | 100 steps (1,600 samples) | none (resume" in text
+    assert [line for line in text.splitlines() if line.startswith("| 320 ")] == ["| 320 | 25.00 |"]
+    assert "| 640 | 50.00 |" in text and "| 960 | 62.50 |" in text
+    assert not any(p.name.endswith(".ckpt") and p.name != "last.ckpt" for p in runs.rglob("*"))
+
+
+def test_progress_without_a_study_is_a_one_line_error(tmp_path, capsys):
+    assert distill(["study", str(REPO / "recipes/digits"), "--out", str(tmp_path / "nothing"), "--progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err

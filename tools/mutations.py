@@ -514,6 +514,22 @@ MUTATIONS: list[Mutation] = [
         replacement="""            total = total + 0.0 * feature_loss""",
         tests=["tests/test_unlabeled.py::test_feature_guidance_and_ensembles_learn_from_unlabelled_images"],
     ),
+    Mutation(
+        id="study-progress-reads-earlier-metrics",
+        feature="--progress reads every validation of a resumed run (metrics.earlier.csv too)",
+        file="distill/commands/study_progress.py",
+        pattern="""csv.DictReader(io.StringIO(metrics_so_far(folder) or ""))""",
+        replacement="""csv.DictReader(io.StringIO((folder / "metrics.csv").read_text()))""",
+        tests=["tests/test_study.py::test_progress_reports_the_unfinished_runs_as_far_as_they_got"],
+    ),
+    Mutation(
+        id="study-progress-leaves-finished-runs-out",
+        feature="--progress lists the runs results.json does not hold",
+        file="distill/commands/study_progress.py",
+        pattern="""        if folder.name in finished or not config_file.is_file():""",
+        replacement="""        if not config_file.is_file():""",
+        tests=["tests/test_study.py::test_progress_reports_the_unfinished_runs_as_far_as_they_got"],
+    ),
     # ------------------------------------------------------------------------------ resume
     Mutation(
         id="study-keeps-earlier-metrics",

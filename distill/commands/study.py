@@ -36,7 +36,8 @@ Extra --section.key VALUE overrides go to both steps (--teacher.KEY / --student.
   distill study recipes/digits --seeds 3 --out results/digits
   distill study my_recipe --variants none token dkd --seeds 2 --score last --out results/mine
   distill study my_recipe --teacher_ckpt TEACHER.ckpt --variants none fm   # no step 1: a given teacher
-  distill study my_recipe --out results/mine --report                      # rewrite the report only"""
+  distill study my_recipe --out results/mine --report                      # rewrite the report only
+  distill study my_recipe --out results/mine --progress                    # the runs not finished yet"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", action="store_true",
                         help="run nothing: rewrite OUT/results.md, results.png and curves.png (and the table and "
                              "paths in results.json) from OUT/results.json")
+    parser.add_argument("--progress", action="store_true",
+                        help="run nothing: write OUT/progress.md (and print it) with the runs not finished yet, as far "
+                             "as they got (steps, val/acc at each validation, whether a worker trains them); safe "
+                             "while workers run")
     return parser
 
 
@@ -88,6 +93,10 @@ def main(argv: list[str]) -> int:
         from .study_report import report
 
         return report(out)
+    if args.progress:
+        from .study_progress import progress
+
+        return progress(out, list(argv))
     own = parse_own_variants(args.variant)
     variants = chosen_variants(args.variants, own)
     if args.seeds < 1:
