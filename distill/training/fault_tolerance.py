@@ -178,12 +178,13 @@ def _finish_the_ended_epoch(trainer: L.Trainer) -> None:
     from lightning.pytorch.loops.loop import _Loop
 
     fit_loop = trainer.fit_loop
-    if not (fit_loop.restarting and fit_loop._iteration_based_training() and fit_loop.restarted_on_epoch_end):
+    # Lightning before 2.5 has no restart stages (and restarts otherwise): leave it be there.
+    if not (fit_loop.restarting and trainer.max_steps != -1 and getattr(fit_loop, "restarted_on_epoch_end", False)):
         return
     fit_loop.epoch_progress.increment_completed()
     _Loop.restarting.fset(fit_loop, False)  # and its epoch and validation loops: they start afresh
     for loop in (fit_loop, fit_loop.epoch_loop, fit_loop.epoch_loop.val_loop):
-        loop.reset_restart_stage()
+        getattr(loop, "reset_restart_stage", lambda: None)()
 
 
 def _resumes_mid_epoch(trainer: L.Trainer) -> bool:
