@@ -518,8 +518,8 @@ MUTATIONS: list[Mutation] = [
         id="study-progress-reads-earlier-metrics",
         feature="--progress reads every validation of a resumed run (metrics.earlier.csv too)",
         file="distill/commands/study_progress.py",
-        pattern="""csv.DictReader(io.StringIO(metrics_so_far(folder) or ""))""",
-        replacement="""csv.DictReader(io.StringIO((folder / "metrics.csv").read_text()))""",
+        pattern="""validation_points(metrics_so_far(folder) or "", batch)""",
+        replacement="""validation_points((folder / "metrics.csv").read_text(), batch)""",
         tests=["tests/test_study.py::test_progress_reports_the_unfinished_runs_as_far_as_they_got"],
     ),
     Mutation(
@@ -1070,8 +1070,8 @@ MUTATIONS: list[Mutation] = [
         id='study-curves-in-samples-seen',
         feature="a study's curves count samples seen as (step + 1) x global batch",
         file='distill/commands/study_report.py',
-        pattern='return {"samples": [(int(float(r["step"])) + 1) * batch for r in rows],',
-        replacement='return {"samples": [int(float(r["step"])) * batch for r in rows],',
+        pattern='        samples.append((step + 1) * batch)',
+        replacement='        samples.append(step * batch)',
         tests=['tests/test_study.py::test_a_run_curve_is_val_acc_against_samples_seen'],
     ),
     Mutation(

@@ -4,28 +4,18 @@ metrics.earlier.csv when the run was resumed) and whether a worker trains them n
 OUT/progress.md. It reads files only, so it is safe while workers run."""
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 
 from .study_claims import claim_alive
-from .study_report import COMMAND, global_batch
-from .study_runs import metrics_so_far
+from .study_report import global_batch, study_command, validation_points
+from .study_runs import metrics_so_far, write_atomically
 
 
 def curve_so_far(folder: Path, batch: int) -> dict:
-    """{"samples": [...], "val/acc": [...]} of every validation a run folder's metrics hold so far (an
-    unfinished run has no re-validation row to leave out). A row cut short by a worker writing now is skipped."""
-    samples, accs = [], []
-    for row in csv.DictReader(io.StringIO(metrics_so_far(folder) or "")):
-        try:
-            step, acc = int(float(row.get("step") or "")), float(row.get("val/acc") or "")
-        except ValueError:
-            continue
-        samples.append((step + 1) * batch)
-        accs.append(acc)
-    return {"samples": samples, "val/acc": accs}
+    """`validation_points` of every validation a run folder's metrics hold so far, metrics.earlier.csv
+    included (an unfinished run has no re-validation row to leave out)."""
+    return validation_points(metrics_so_far(folder) or "", batch)
 
 
 def _trained_steps(folder: Path) -> int | None:
@@ -87,26 +77,18 @@ def progress_markdown(runs: list[dict], command: str) -> str:
         lines += ["", "Validation accuracy (`val/acc`, %) at each validation so far, against samples seen "
                   "(optimizer steps x global batch):", "",
                   "| samples seen | " + " | ".join(r["run"] for r in runs) + " |", "| --- |" + " --- |" * len(runs)]
+        by_run = [dict(zip(r["curve"]["samples"], r["curve"]["val/acc"])) for r in runs]
         for count in counts:
-            cells = []
-            for r in runs:
-                at = dict(zip(r["curve"]["samples"], r["curve"]["val/acc"]))
-                cells.append(f"{100 * at[count]:.2f}" if count in at else "-")
+            cells = [f"{100 * at[count]:.2f}" if count in at else "-" for at in by_run]
             lines.append(f"| {count:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def progress(study: Path, argv: list[str]) -> int:
     """--progress: OUT/progress.md (printed too) for the study in OUT."""
-    import shlex
-
-    from .study_paths import portable_argv
-
     if not (study / "runs").is_dir():
         raise FileNotFoundError(f"no study in {study} (no runs/ folder): pass the study's --out")
-    text = progress_markdown(runs_in_progress(study), " ".join([COMMAND, shlex.join(portable_argv(argv))]))
-    tmp = study / "progress.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(study / "progress.md")
+    text = progress_markdown(runs_in_progress(study), study_command(argv))
+    write_atomically(study / "progress.md", text)
     print(text, end="")
     return 0

@@ -6,6 +6,7 @@ from OUT/results.json.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import platform
 import shlex
@@ -111,23 +112,35 @@ def global_batch(config: dict) -> int:
             * int(trainer.get("num_nodes") or 1) * int(trainer.get("accumulate_grad_batches") or 1))
 
 
+def validation_points(metrics: str, batch: int) -> dict:
+    """{"samples": [...], "val/acc": [...]}: every validation row of a metrics.csv text against the samples
+    seen by then. Lightning logs a validation run inside training at the step count before the batch that
+    triggered it is counted, so N optimizer steps read N - 1. A row a worker is writing right now (cut
+    short, unreadable) is skipped."""
+    samples, accs = [], []
+    for row in csv.DictReader(io.StringIO(metrics)):
+        if row.get("val/acc") in (None, "") or row.get("step") in (None, ""):
+            continue
+        try:
+            step, acc = int(float(row["step"])), float(row["val/acc"])
+        except ValueError:
+            continue
+        samples.append((step + 1) * batch)
+        accs.append(round(acc, 6))
+    return {"samples": samples, "val/acc": accs}
+
+
 def read_curve(folder: Path) -> dict | None:
-    """val/acc of a run at each validation during training against the samples seen by then, from its
-    metrics.csv and config.yaml; None without them. Lightning logs a validation run inside training at
-    the step count before the batch that triggered it is counted, so N optimizer steps read N - 1. The
-    last validation row is the study's re-validation of the scored checkpoint after training, not a
-    point of the curve."""
+    """val/acc of a finished run at each validation during training against the samples seen by then
+    (`validation_points`), from its metrics.csv and config.yaml; None without them. The last validation
+    row is the study's re-validation of the scored checkpoint after training, not a point of the curve."""
     import yaml
 
     log, config = folder / "metrics.csv", folder / "config.yaml"
     if not (log.is_file() and config.is_file()):
         return None
-    with open(log, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val/acc") not in (None, "") and r.get("step") not in (None, "")]
-    rows = rows[:-1]
-    batch = global_batch(yaml.safe_load(config.read_text()) or {})
-    return {"samples": [(int(float(r["step"])) + 1) * batch for r in rows],
-            "val/acc": [round(float(r["val/acc"]), 6) for r in rows]}
+    points = validation_points(log.read_text(), global_batch(yaml.safe_load(config.read_text()) or {}))
+    return {key: values[:-1] for key, values in points.items()}
 
 
 def fill_curves(results: dict, study: Path) -> None:

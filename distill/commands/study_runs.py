@@ -189,7 +189,8 @@ def joined_metrics(earlier: str, later: str | None) -> str:
     return out.getvalue()
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file beside it: a reader never sees half of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -210,7 +211,7 @@ def keep_earlier_metrics(root: Path) -> str | None:
     interruption must not lose them) and returned for `join_metrics` when the run finishes."""
     earlier = metrics_so_far(root)
     if earlier:
-        _write_atomically(root / EARLIER_METRICS, earlier)
+        write_atomically(root / EARLIER_METRICS, earlier)
     return earlier
 
 
@@ -219,7 +220,7 @@ def join_metrics(earlier: str | None, path: Path) -> None:
     put the interrupted parts' rows (the epochs before the resumed checkpoint's) in front again, then
     drop metrics.earlier.csv."""
     if earlier and path.is_file():
-        _write_atomically(path, joined_metrics(earlier, path.read_text()))
+        write_atomically(path, joined_metrics(earlier, path.read_text()))
     (path.parent / EARLIER_METRICS).unlink(missing_ok=True)
 
 
