@@ -394,7 +394,7 @@ def test_two_processes_starting_together_build_the_shared_cache_once(tmp_path):
     import multiprocessing
     import time
 
-    import distill.teacher.cache as tc
+    import distill.teacher.cache_views as tc  # where views are built while training
     from conftest import make_trainer
 
     builds = tmp_path / "builds.txt"
@@ -472,7 +472,7 @@ def test_views_are_built_when_an_epoch_first_reads_them_and_kept_for_later_runs(
     """A new view every epoch (data.view_epochs unset): each epoch builds its view when it starts, and a
     longer run on the same cache builds only the views past the shorter run's; what it reads for the new
     view is the live teacher's output on that view."""
-    import distill.teacher.cache as tc
+    import distill.teacher.cache_views as tc  # where views are built while training
 
     built_views = []
     real = tc.build_cache
@@ -525,3 +525,94 @@ def test_a_cache_of_another_precision_is_refused_naming_both(trainer_factory, tm
         fit("float32")
     assert "\n" not in str(e.value) and "teacher, data or transforms" not in str(e.value)
     assert fit("bfloat16").teacher.cache is not None
+
+
+# ------------------------------------------------------------------------- views built ahead of their epoch
+def _fit_counting_builds(trainer_factory, cache, build_ahead, monkeypatch, max_steps=9, **cfg):
+    """A student with drop path (so that a stray draw from the global random generator changes its weights)
+    trained for `max_steps` in epochs of 3 batches, a new view every epoch; returns it and the
+    (view, thread name) of every build."""
+    import threading
+
+    import distill.teacher.cache_views as tc
+    import lightning as L
+
+    from distill.teacher.cache import build_cache as real, view_done
+
+    builds, ready_at_epoch_end = [], []
+
+    def counted(*a, **kw):
+        builds.append((kw["views"][0], threading.current_thread().name))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tc, "build_cache", counted)
+
+    class NextViewReady(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            builder = module.teacher.cache.build_view
+            builder.wait_ahead()
+            ready_at_epoch_end.append(view_done(cache, trainer.current_epoch + 1, 0, 1))
+
+    L.seed_everything(0)
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True)
+    module = DistillModule(student=dict(STUDENT, depth=2, drop_path_rate=0.2), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           teacher_cache=TeacherCacheConfig(dir=str(cache), verify_batches=1, build_ahead=build_ahead,
+                                                            **cfg))
+    trainer_factory(max_steps=max_steps, limit_train_batches=3, limit_val_batches=0,
+                    callbacks=[NextViewReady()]).fit(module, dm)
+    return module, builds, ready_at_epoch_end
+
+
+def test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same(trainer_factory, tmp_path, monkeypatch):
+    """build_ahead: while epoch e trains, a background thread builds view e + 1 (ready when the epoch ends), and
+    none past the last epoch; the views it builds and the student it trains are bit for bit those of a run
+    that builds each view when its epoch starts (the thread leaves the training's random draws alone)."""
+    from distill.teacher.cache import view_dir
+
+    plain, plain_builds, plain_ready = _fit_counting_builds(trainer_factory, tmp_path / "plain", False, monkeypatch)
+    ahead, ahead_builds, ahead_ready = _fit_counting_builds(trainer_factory, tmp_path / "ahead", True, monkeypatch)
+    assert plain_builds == [(0, "MainThread"), (1, "MainThread"), (2, "MainThread")]
+    assert plain_ready == [False, False, False]
+    assert ahead_builds == [(0, "MainThread"), (1, "teacher-cache-view-1"), (2, "teacher-cache-view-2")]
+    assert ahead_ready == [True, True, False]  # epochs 0-2 of 3 batches make the 9 steps: no view 3
+    for view in range(3):
+        a, b = (np.load(view_dir(tmp_path / run, view) / "shard-0000-of-0001.values.npy") for run in ("plain", "ahead"))
+        assert np.array_equal(a, b), view
+    for (name, a), b in zip(plain.student.state_dict().items(), ahead.student.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_an_error_in_the_build_ahead_is_raised_by_the_epoch_that_needs_the_view(trainer_factory, tmp_path, monkeypatch):
+    import distill.teacher.cache_views as tc
+
+    real = tc.build_cache
+
+    def fails_ahead(*a, **kw):
+        if kw["views"][0] == 1:
+            raise OSError("disk full")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tc, "build_cache", fails_ahead)
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True)
+    module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache"), build_ahead=True))
+    with pytest.raises(RuntimeError, match="building a view ahead failed: disk full"):
+        trainer_factory(max_epochs=3, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+    assert TeacherCache(tmp_path / "cache").built_views() == [0]  # view 1 has a folder but no shard marked done
+    assert not TeacherCache(tmp_path / "cache").has_view(1)
+
+
+def test_build_ahead_auto_is_on_for_a_cpu_teacher_with_an_idle_core_only(monkeypatch):
+    import os
+
+    from distill.teacher.cache_views import resolve_build_ahead
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert resolve_build_ahead("auto", "cpu") is True
+    assert resolve_build_ahead("auto", "cuda:0") is False
+    assert resolve_build_ahead(False, "cpu") is False and resolve_build_ahead(True, "cuda:0") is True
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert resolve_build_ahead("auto", "cpu") is False
+    with pytest.raises(ValueError, match=r"model.teacher_cache.build_ahead='yes': expected true, false or auto"):
+        resolve_build_ahead("yes", "cpu")

@@ -1,6 +1,7 @@
 """Step 2: train a ViT student with a distillation token against a frozen teacher."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -405,7 +406,20 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         self.loss.set_epoch(self.current_epoch)  # DKD's warm-up reads it
         cached = getattr(self.teacher, "cache", None) if self.teacher is not None else None
         if cached is not None:
-            cached.prepare_epoch(self.current_epoch)  # the teacher cache builds this epoch's view when missing
+            # The teacher cache builds this epoch's view when missing, and the next epoch's ahead when asked.
+            cached.prepare_epoch(self.current_epoch, self._another_epoch_follows())
+
+    def _another_epoch_follows(self) -> bool:
+        """Whether the trainer will start another epoch after this one, as its limits tell now (`max_epochs`,
+        `max_steps`; early stopping cannot be foreseen)."""
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.current_epoch + 1 >= trainer.max_epochs:
+            return False
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            steps = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
+            if not math.isfinite(steps) or self.global_step + math.ceil(steps) >= trainer.max_steps:
+                return False
+        return True
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -463,7 +477,8 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             # data or transforms, which the cache built for the first one must not answer for.
             self.teacher.attach_cache(None)
             if use_cache:
-                from ..teacher.cache import compute_precision, open_cache, resolve_topk, view_builder
+                from ..teacher.cache import compute_precision, open_cache, resolve_topk
+                from ..teacher.cache_views import view_builder
 
                 cache_cfg = resolve_topk(cache_cfg, self.loss.mode == "hard", self.teacher.identity["num_classes"])
                 cache = open_cache(self.teacher, cache_cfg, self.trainer, self.device)

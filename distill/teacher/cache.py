@@ -82,6 +82,11 @@ class TeacherCacheConfig:
         verify_batches: the first N training batches are also run through the live teacher and
             compared with the cache; a mismatch stops training. 0 = off.
         batch_size: batch size of the build pass; None = the data's.
+        build_ahead: build the next epoch's view on a background thread while this epoch trains
+            (`distill.teacher.cache_views`): the same views and the same training, without stopping it for
+            the teacher's pass over every sample. `auto` (the default): on when the teacher runs on the CPU
+            and torch leaves a core of this process idle (`OMP_NUM_THREADS=1` on a machine with more cores),
+            off on an accelerator.
     """
 
     dir: str
@@ -90,6 +95,7 @@ class TeacherCacheConfig:
     build: bool = True
     verify_batches: int = 2
     batch_size: int | None = None
+    build_ahead: bool | Literal["auto"] = "auto"
 
 
 def resolve_topk(cfg: TeacherCacheConfig, argmax_only: bool, num_classes: int) -> TeacherCacheConfig:
@@ -583,18 +589,6 @@ def _view_source(dm) -> dict[str, Any]:
     return dict(dataset=ds, transform=transform_repr(getattr(ds, "transform", None)), loader=None)
 
 
-def _build_batches(dm, views: Sequence[int], rank: int, world: int, batch_size: int | None) -> Iterable[tuple]:
-    """(x, y, keys) batches over this rank's samples and the given views, augmented as training will."""
-    if dm.hparams.get("on_device"):
-        loader = _view_source(dm)["loader"]
-        return loader.view_batches(views, rank=rank, world_size=world, batch_size=batch_size)
-    ds = KeyedViews(dm.train_set, dm.hparams.seed)
-    n = len(ds)
-    keys = [v * n + i for v in views for i in range(rank, n, world)]
-    return DataLoader(ds, batch_size=batch_size or dm.batch_size, sampler=keys, num_workers=dm.num_workers,
-                      collate_fn=collate_keyed, pin_memory=torch.cuda.is_available())
-
-
 def cache_dir(cfg: TeacherCacheConfig, teacher) -> Path:
     """`cfg.dir` with `{teacher_dir}` replaced by the teacher's own folder (`teacher_folder`)."""
     if "{teacher_dir}" not in cfg.dir:
@@ -667,52 +661,31 @@ def open_cache(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device |
     return cache
 
 
-def view_builder(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> Callable[[int], None]:
-    """`build(view)`: this process's shard of `view` built when missing (runs of a study that need it together
-    build it once: the others wait on the lock, then read it), then a barrier so that every shard exists."""
-    dm = trainer.datamodule
-    directory = cache_dir(cfg, teacher)
-    cache = TeacherCache(directory)
-
-    def build(view: int) -> None:
-        rank, world = trainer.global_rank, trainer.world_size
-        if not view_done(directory, view, rank, world):
-            if not cfg.build:
-                raise FileNotFoundError(f"model.teacher_cache: {str(directory)!r} holds no view {view} and build is false")
-            with _build_lock(view_dir(directory, view), rank):
-                if not view_done(directory, view, rank, world):
-                    from lightning.pytorch.utilities import rank_zero_info
-
-                    rank_zero_info(f"teacher cache: building view {view} ({cache.num_samples:,} samples) in {directory}")
-                    start = time.perf_counter()
-                    batches = _build_batches(dm, [view], rank, world, cfg.batch_size)
-                    build_cache(directory, teacher, batches, num_samples=cache.num_samples,
-                                num_classes=cache.num_classes, views=[view], topk=cache.topk, dtype=cfg.dtype,
-                                rank=rank, world_size=world, device=device,
-                                autocast=trainer.precision_plugin.forward_context)
-                    rank_zero_info(f"teacher cache: built view {view} in {time.perf_counter() - start:.1f} s "
-                                   f"(the live teacher's cost of one epoch)")
-        trainer.strategy.barrier("teacher_cache_view")
-
-    return build
-
-
 class CachedTeacher:
     """What a `FrozenTeacher` reads its training logits from once a cache is attached: the stored
     outputs of the batch's views, checked against the live teacher on the first `verify_batches`.
 
-    `prepare_epoch(epoch)` (DistillModule calls it when an epoch starts) builds the epoch's view with
-    `build_view` when the cache lacks it; epoch `e` reads view `e % view_epochs`, or `e`."""
+    `prepare_epoch(epoch, next_epoch_runs)` (DistillModule calls it when an epoch starts) builds the epoch's
+    view with `build_view` when the cache lacks it, and, when another epoch follows and `build_view` can
+    (`cache_views.ViewBuilder.start_ahead`), starts building the next epoch's view in the background; epoch
+    `e` reads view `e % view_epochs`, or `e`."""
 
     def __init__(self, cache: TeacherCache, verify_batches: int, precision: str | None,
                  build_view: Callable[[int], None] | None = None, view_epochs: int | None = None) -> None:
         self.cache, self.to_verify, self.precision = cache, int(verify_batches), precision
         self.build_view, self.view_epochs = build_view, view_epochs
 
-    def prepare_epoch(self, epoch: int) -> None:
-        view = epoch % self.view_epochs if self.view_epochs else epoch
-        if self.build_view is not None:
-            self.build_view(view)  # every process calls it (it ends in a barrier), built or not
+    def view_of(self, epoch: int) -> int:
+        return epoch % self.view_epochs if self.view_epochs else epoch
+
+    def prepare_epoch(self, epoch: int, next_epoch_runs: bool = False) -> None:
+        view = self.view_of(epoch)
+        if self.build_view is None:
+            return
+        self.build_view(view)  # every process calls it (it ends in a barrier), built or not
+        start_ahead = getattr(self.build_view, "start_ahead", None)
+        if next_epoch_runs and start_ahead is not None and self.view_of(epoch + 1) != view:
+            start_ahead(self.view_of(epoch + 1))
 
     def __call__(self, teacher, batch) -> torch.Tensor:
         if len(batch) < 3:
