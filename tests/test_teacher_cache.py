@@ -528,10 +528,10 @@ def test_a_cache_of_another_precision_is_refused_naming_both(trainer_factory, tm
 
 
 # ------------------------------------------------------------------------- views built ahead of their epoch
-def _fit_counting_builds(trainer_factory, cache, build_ahead, monkeypatch, max_steps=9, **cfg):
+def _fit_counting_builds(trainer_factory, cache, build_ahead, monkeypatch, limit, **cfg):
     """A student with drop path (so that a stray draw from the global random generator changes its weights)
-    trained for `max_steps` in epochs of 3 batches, a new view every epoch; returns it and the
-    (view, thread name) of every build."""
+    trained for 3 epochs of 3 batches (`limit`: as max_steps or max_epochs), a new view every epoch; returns it
+    and the (view, thread name) of every build."""
     import threading
 
     import distill.teacher.cache_views as tc
@@ -558,23 +558,25 @@ def _fit_counting_builds(trainer_factory, cache, build_ahead, monkeypatch, max_s
     module = DistillModule(student=dict(STUDENT, depth=2, drop_path_rate=0.2), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
                            teacher_cache=TeacherCacheConfig(dir=str(cache), verify_batches=1, build_ahead=build_ahead,
                                                             **cfg))
-    trainer_factory(max_steps=max_steps, limit_train_batches=3, limit_val_batches=0,
+    trainer_factory(**{limit: 9 if limit == "max_steps" else 3}, limit_train_batches=3, limit_val_batches=0,
                     callbacks=[NextViewReady()]).fit(module, dm)
     return module, builds, ready_at_epoch_end
 
 
-def test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same(trainer_factory, tmp_path, monkeypatch):
+@pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
+def test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same(trainer_factory, tmp_path, monkeypatch,
+                                                                               limit):
     """build_ahead: while epoch e trains, a background thread builds view e + 1 (ready when the epoch ends), and
     none past the last epoch; the views it builds and the student it trains are bit for bit those of a run
     that builds each view when its epoch starts (the thread leaves the training's random draws alone)."""
     from distill.teacher.cache import view_dir
 
-    plain, plain_builds, plain_ready = _fit_counting_builds(trainer_factory, tmp_path / "plain", False, monkeypatch)
-    ahead, ahead_builds, ahead_ready = _fit_counting_builds(trainer_factory, tmp_path / "ahead", True, monkeypatch)
+    plain, plain_builds, plain_ready = _fit_counting_builds(trainer_factory, tmp_path / "plain", False, monkeypatch, limit)
+    ahead, ahead_builds, ahead_ready = _fit_counting_builds(trainer_factory, tmp_path / "ahead", True, monkeypatch, limit)
     assert plain_builds == [(0, "MainThread"), (1, "MainThread"), (2, "MainThread")]
     assert plain_ready == [False, False, False]
     assert ahead_builds == [(0, "MainThread"), (1, "teacher-cache-view-1"), (2, "teacher-cache-view-2")]
-    assert ahead_ready == [True, True, False]  # epochs 0-2 of 3 batches make the 9 steps: no view 3
+    assert ahead_ready == [True, True, False]  # 3 epochs (9 steps): no view 3
     for view in range(3):
         a, b = (np.load(view_dir(tmp_path / run, view) / "shard-0000-of-0001.values.npy") for run in ("plain", "ahead"))
         assert np.array_equal(a, b), view

@@ -539,6 +539,59 @@ MUTATIONS: list[Mutation] = [
         replacement="""earlier = (root / "metrics.csv").read_text() if (root / "metrics.csv").is_file() else None""",
         tests=["tests/test_study.py::test_a_run_interrupted_twice_keeps_the_metrics_of_every_part"],
     ),
+    # ------------------------------------------------ teacher cache: the next epoch's view built ahead
+    Mutation(
+        id="cache-build-ahead-starts",
+        feature="model.teacher_cache.build_ahead builds the next epoch's view on a background thread",
+        file="distill/teacher/cache.py",
+        pattern="""        if next_epoch_runs and start_ahead is not None and self.view_of(epoch + 1) != view:""",
+        replacement="""        if False:""",
+        tests=["tests/test_teacher_cache.py::test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same[max_steps]"],
+    ),
+    Mutation(
+        id="cache-view-loader-own-generator",
+        feature="a view's loader draws its seed from its own generator: the training's random draws are the same "
+                "whether a view is built (ahead or not) or read",
+        file="distill/teacher/cache_views.py",
+        pattern="""                      generator=torch.Generator().manual_seed(int(dm.hparams.seed)))""",
+        replacement="""                      )""",
+        tests=["tests/test_teacher_cache.py::test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same[max_steps]"],
+    ),
+    Mutation(
+        id="cache-ahead-images-in-a-worker",
+        feature="the view built ahead makes its images in a worker process (keyed augmentation seeds the "
+                "process-wide generators the training thread uses)",
+        file="distill/teacher/cache_views.py",
+        pattern="""    workers = max(1, dm.num_workers) if background else dm.num_workers""",
+        replacement="""    workers = dm.num_workers""",
+        tests=["tests/test_teacher_cache.py::test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same[max_steps]"],
+    ),
+    Mutation(
+        id="cache-ahead-not-past-max-steps",
+        feature="no view is built ahead for an epoch that max_steps will not run",
+        file="distill/student/module.py",
+        pattern="""            if not math.isfinite(steps) or self.global_step + math.ceil(steps) >= trainer.max_steps:""",
+        replacement="""            if not math.isfinite(steps):""",
+        tests=["tests/test_teacher_cache.py::test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same[max_steps]"],
+    ),
+    Mutation(
+        id="cache-ahead-not-past-max-epochs",
+        feature="no view is built ahead for an epoch past max_epochs",
+        file="distill/student/module.py",
+        pattern="""and self.current_epoch + 1 >= trainer.max_epochs:""",
+        replacement="""and self.current_epoch + 1 > trainer.max_epochs:""",
+        tests=["tests/test_teacher_cache.py::test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same[max_epochs]"],
+    ),
+    Mutation(
+        id="cache-ahead-error-raised",
+        feature="an error of the build ahead stops training at the epoch that needs the view",
+        file="distill/teacher/cache_views.py",
+        pattern="""        if error is not None:
+            raise RuntimeError""",
+        replacement="""        if False:
+            raise RuntimeError""",
+        tests=["tests/test_teacher_cache.py::test_an_error_in_the_build_ahead_is_raised_by_the_epoch_that_needs_the_view"],
+    ),
     Mutation(
         id="resume-step-bounded-epoch-end",
         feature="a run bounded by max_steps resumed from an epoch-end checkpoint goes on with the next epoch",
@@ -925,8 +978,8 @@ MUTATIONS: list[Mutation] = [
         id='cache-builds-each-epochs-view',
         feature='the teacher cache builds the view an epoch reads when it starts',
         file='distill/teacher/cache.py',
-        pattern='view = epoch % self.view_epochs if self.view_epochs else epoch',
-        replacement='view = 0',
+        pattern='return epoch % self.view_epochs if self.view_epochs else epoch',
+        replacement='return 0',
         tests=['tests/test_teacher_cache.py::test_views_are_built_when_an_epoch_first_reads_them_and_kept_for_later_runs'],
     ),
     Mutation(
