@@ -618,3 +618,37 @@ def test_build_ahead_auto_is_on_for_a_cpu_teacher_with_an_idle_core_only(monkeyp
     assert resolve_build_ahead("auto", "cpu") is False
     with pytest.raises(ValueError, match=r"model.teacher_cache.build_ahead='yes': expected true, false or auto"):
         resolve_build_ahead("yes", "cpu")
+
+
+def test_a_view_built_ahead_for_an_epoch_that_never_runs_stops_with_the_fit(trainer_factory, tmp_path, monkeypatch):
+    """Early stopping ends the fit while view 1 is being built ahead: the thread stops with the fit (none
+    outlives it), view 1 is left unmarked, and the next fit that reads it builds it."""
+    import threading
+    import time
+
+    import distill.teacher.cache_views as tc
+    import lightning as L
+
+    from distill.teacher.cache import build_cache as real
+
+    def slow(directory, teacher_fn, *a, **kw):
+        return real(directory, lambda x: (time.sleep(0.2), teacher_fn(x))[1], *a, **kw)
+
+    monkeypatch.setattr(tc, "build_cache", slow)
+
+    class StopAfterOneEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = True
+
+    def fit(epochs, callbacks):
+        dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True)
+        module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                               teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache"), build_ahead=True))
+        trainer_factory(max_epochs=epochs, min_epochs=0, limit_train_batches=2, limit_val_batches=0,
+                        callbacks=callbacks).fit(module, dm)
+
+    fit(3, [StopAfterOneEpoch()])
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("teacher-cache-view")]
+    assert TeacherCache(tmp_path / "cache").built_views() == [0]
+    fit(2, [])
+    assert TeacherCache(tmp_path / "cache").built_views() == [0, 1]

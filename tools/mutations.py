@@ -583,6 +583,16 @@ MUTATIONS: list[Mutation] = [
         tests=["tests/test_teacher_cache.py::test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same[max_epochs]"],
     ),
     Mutation(
+        id="cache-ahead-stops-with-the-fit",
+        feature="a view being built ahead for an epoch that never runs stops with the fit",
+        file="distill/student/module.py",
+        pattern="""    def on_fit_end(self) -> None:
+        self._stop_cache_builds()""",
+        replacement="""    def on_fit_end(self) -> None:
+        pass""",
+        tests=["tests/test_teacher_cache.py::test_a_view_built_ahead_for_an_epoch_that_never_runs_stops_with_the_fit"],
+    ),
+    Mutation(
         id="cache-ahead-error-raised",
         feature="an error of the build ahead stops training at the epoch that needs the view",
         file="distill/teacher/cache_views.py",

@@ -409,6 +409,18 @@ class DistillModule(EvaluationSteps, L.LightningModule):
             # The teacher cache builds this epoch's view when missing, and the next epoch's ahead when asked.
             cached.prepare_epoch(self.current_epoch, self._another_epoch_follows())
 
+    def on_fit_end(self) -> None:
+        self._stop_cache_builds()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._stop_cache_builds()
+
+    def _stop_cache_builds(self) -> None:
+        """A view being built ahead that no epoch of this fit will read stops with the fit (no thread outlives it)."""
+        cached = getattr(self.teacher, "cache", None) if self.teacher is not None else None
+        if cached is not None:
+            cached.stop()
+
     def _another_epoch_follows(self) -> bool:
         """Whether the trainer will start another epoch after this one, as its limits tell now (`max_epochs`,
         `max_steps`; early stopping cannot be foreseen)."""

@@ -687,6 +687,12 @@ class CachedTeacher:
         if next_epoch_runs and start_ahead is not None and self.view_of(epoch + 1) != view:
             start_ahead(self.view_of(epoch + 1))
 
+    def stop(self) -> None:
+        """Stops a build of a view ahead that no epoch of this fit will read (`ViewBuilder.stop_ahead`)."""
+        stop_ahead = getattr(self.build_view, "stop_ahead", None)
+        if stop_ahead is not None:
+            stop_ahead()
+
     def __call__(self, teacher, batch) -> torch.Tensor:
         if len(batch) < 3:
             raise ValueError("model.teacher_cache needs batches (x, y, keys): set data.keyed_views: true")

@@ -79,6 +79,7 @@ class ViewBuilder:
         self.cache = TeacherCache(self.directory)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._stop = threading.Event()
 
     def _done(self, view: int) -> bool:
         return view_done(self.directory, view, self.trainer.global_rank, self.trainer.world_size)
@@ -99,7 +100,13 @@ class ViewBuilder:
                            f"{self.directory}")
             start, cpu = time.perf_counter(), time.thread_time()
             batches = view_batches(self.dm, [view], rank, world, self.cfg.batch_size, background)
-            build_cache(self.directory, self.teacher, batches, num_samples=self.cache.num_samples,
+            teacher = self.teacher
+            if background:
+                def teacher(x: torch.Tensor) -> torch.Tensor:  # noqa: F811 - stops between batches when asked
+                    if self._stop.is_set():
+                        raise _Stopped
+                    return self.teacher(x)
+            build_cache(self.directory, teacher, batches, num_samples=self.cache.num_samples,
                         num_classes=self.cache.num_classes, views=[view], topk=self.cache.topk, dtype=self.cfg.dtype,
                         rank=rank, world_size=world, device=self.device,
                         autocast=self.trainer.precision_plugin.forward_context)
@@ -120,6 +127,25 @@ class ViewBuilder:
         if error is not None:
             raise RuntimeError(f"teacher cache: building a view ahead failed: {error}") from error
 
+    def stop_ahead(self) -> None:
+        """Stops the background build, if one runs, before its next batch (training ended before the epoch
+        that would read the view: early stopping, an error, the end of a fit the limits did not foresee). The
+        view is left unmarked, and built again when an epoch reads it."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        try:
+            self.wait_ahead()
+        except RuntimeError as e:
+            if not isinstance(e.__cause__, _Stopped):
+                raise
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"teacher cache: stopped building a view ahead ({thread.name}): training ended first")
+        finally:
+            self._stop.clear()
+
     def start_ahead(self, view: int) -> None:
         """Builds `view` on a background thread (when `ahead` is on and the view is missing)."""
         if not self.ahead or self._done(view):
@@ -139,6 +165,10 @@ class ViewBuilder:
         self.wait_ahead()
         self._build_shard(view)
         self.trainer.strategy.barrier("teacher_cache_view")
+
+
+class _Stopped(Exception):
+    """Raised in the background build by `stop_ahead`."""
 
 
 def view_builder(teacher, cfg: TeacherCacheConfig, trainer, device: torch.device | str = "cpu") -> ViewBuilder:
