@@ -528,7 +528,7 @@ def test_a_cache_of_another_precision_is_refused_naming_both(trainer_factory, tm
 
 
 # ------------------------------------------------------------------------- views built ahead of their epoch
-def _fit_counting_builds(trainer_factory, cache, build_ahead, monkeypatch, limit, **cfg):
+def _fit_counting_builds(trainer_factory, cache, build_ahead, monkeypatch, limit, on_device=False, **cfg):
     """A student with drop path (so that a stray draw from the global random generator changes its weights)
     trained for 3 epochs of 3 batches (`limit`: as max_steps or max_epochs), a new view every epoch; returns it
     and the (view, thread name) of every build."""
@@ -554,7 +554,8 @@ def _fit_counting_builds(trainer_factory, cache, build_ahead, monkeypatch, limit
             ready_at_epoch_end.append(view_done(cache, trainer.current_epoch + 1, 0, 1))
 
     L.seed_everything(0)
-    dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True)
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", hflip=0.5, keyed_views=True,
+                         on_device=on_device)
     module = DistillModule(student=dict(STUDENT, depth=2, drop_path_rate=0.2), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
                            teacher_cache=TeacherCacheConfig(dir=str(cache), verify_batches=1, build_ahead=build_ahead,
                                                             **cfg))
@@ -563,16 +564,19 @@ def _fit_counting_builds(trainer_factory, cache, build_ahead, monkeypatch, limit
     return module, builds, ready_at_epoch_end
 
 
-@pytest.mark.parametrize("limit", ["max_steps", "max_epochs"])
+@pytest.mark.parametrize("limit, on_device", [("max_steps", False), ("max_epochs", False), ("max_steps", True)],
+                         ids=["max_steps", "max_epochs", "on_device"])
 def test_the_next_view_is_built_ahead_on_a_thread_and_the_training_is_the_same(trainer_factory, tmp_path, monkeypatch,
-                                                                               limit):
+                                                                               limit, on_device):
     """build_ahead: while epoch e trains, a background thread builds view e + 1 (ready when the epoch ends), and
     none past the last epoch; the views it builds and the student it trains are bit for bit those of a run
     that builds each view when its epoch starts (the thread leaves the training's random draws alone)."""
     from distill.teacher.cache import view_dir
 
-    plain, plain_builds, plain_ready = _fit_counting_builds(trainer_factory, tmp_path / "plain", False, monkeypatch, limit)
-    ahead, ahead_builds, ahead_ready = _fit_counting_builds(trainer_factory, tmp_path / "ahead", True, monkeypatch, limit)
+    plain, plain_builds, plain_ready = _fit_counting_builds(trainer_factory, tmp_path / "plain", False, monkeypatch, limit,
+                                                            on_device)
+    ahead, ahead_builds, ahead_ready = _fit_counting_builds(trainer_factory, tmp_path / "ahead", True, monkeypatch, limit,
+                                                            on_device)
     assert plain_builds == [(0, "MainThread"), (1, "MainThread"), (2, "MainThread")]
     assert plain_ready == [False, False, False]
     assert ahead_builds == [(0, "MainThread"), (1, "teacher-cache-view-1"), (2, "teacher-cache-view-2")]

@@ -6,8 +6,10 @@ training for as long as it takes (on a CPU it was 40-65% of an epoch of the CIFA
 Built ahead, it runs while the previous epoch trains: on a spare CPU core it costs no wall-clock time at all
 when it is shorter than an epoch. The work done is the same, and so are the results: a view's pixels depend
 only on `(seed, view, index)` (`KeyedViews`), and the ahead pass leaves the training process's random number
-generators alone (its images are made in a DataLoader worker process, and its loader draws its own seed from
-a generator of its own), so a run with or without it trains on the same bytes with the same random draws.
+generators alone, so a run with or without it trains on the same bytes with the same random draws: images
+from the host (`KeyedViews`, which seeds the process-wide generators for each sample) are made in a DataLoader
+worker process, whose loader draws its seed from a generator of its own; on-device data (`data.on_device`)
+hashes `(seed, view, index)` into every random choice and is made on the thread itself.
 
 The thread runs this process's shard only, under the same per-view file lock as any other build (a run that
 needs the view sooner waits for it, then reads it; a process killed mid-build leaves no `done` mark, and the
@@ -113,8 +115,7 @@ class ViewBuilder:
             took = time.perf_counter() - start
             if background:
                 rank_zero_info(f"teacher cache: built view {view} ahead in {took:.1f} s "
-                               f"({time.thread_time() - cpu:.1f} s of the thread's CPU time, the teacher's passes; "
-                               f"the images were made in a worker process)")
+                               f"({time.thread_time() - cpu:.1f} s of CPU time on its thread)")
             else:
                 rank_zero_info(f"teacher cache: built view {view} in {took:.1f} s (the live teacher's cost of one epoch)")
 
