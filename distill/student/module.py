@@ -413,7 +413,10 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         self._stop_cache_builds()
 
     def on_exception(self, exception: BaseException) -> None:
-        self._stop_cache_builds()
+        try:
+            self._stop_cache_builds()
+        except Exception:  # noqa: BLE001 - the fit's own error is the one to report
+            pass
 
     def _stop_cache_builds(self) -> None:
         """A view being built ahead that no epoch of this fit will read stops with the fit (no thread outlives it)."""

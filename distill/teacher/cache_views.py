@@ -102,13 +102,7 @@ class ViewBuilder:
                            f"{self.directory}")
             start, cpu = time.perf_counter(), time.thread_time()
             batches = view_batches(self.dm, [view], rank, world, self.cfg.batch_size, background)
-            teacher = self.teacher
-            if background:
-                def teacher(x: torch.Tensor) -> torch.Tensor:  # noqa: F811 - stops between batches when asked
-                    if self._stop.is_set():
-                        raise _Stopped
-                    return self.teacher(x)
-            build_cache(self.directory, teacher, batches, num_samples=self.cache.num_samples,
+            build_cache(self.directory, self._stoppable_teacher if background else self.teacher, batches, num_samples=self.cache.num_samples,
                         num_classes=self.cache.num_classes, views=[view], topk=self.cache.topk, dtype=self.cfg.dtype,
                         rank=rank, world_size=world, device=self.device,
                         autocast=self.trainer.precision_plugin.forward_context)
@@ -118,6 +112,12 @@ class ViewBuilder:
                                f"({time.thread_time() - cpu:.1f} s of CPU time on its thread)")
             else:
                 rank_zero_info(f"teacher cache: built view {view} in {took:.1f} s (the live teacher's cost of one epoch)")
+
+    def _stoppable_teacher(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher, for the background build: it stops between two batches when `stop_ahead` asks."""
+        if self._stop.is_set():
+            raise _Stopped
+        return self.teacher(x)
 
     def wait_ahead(self) -> None:
         """Waits for the background build, if one runs, and raises its error."""
