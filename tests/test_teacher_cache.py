@@ -656,3 +656,39 @@ def test_a_view_built_ahead_for_an_epoch_that_never_runs_stops_with_the_fit(trai
     assert TeacherCache(tmp_path / "cache").built_views() == [0]
     fit(2, [])
     assert TeacherCache(tmp_path / "cache").built_views() == [0, 1]
+
+
+def test_the_workers_of_a_view_built_ahead_start_in_the_main_thread_before_it_takes_the_lock(
+        trainer_factory, tmp_path, monkeypatch):
+    """Forked from the background thread, a worker could inherit a lock the training thread holds and hang; and
+    forked under the view's file lock it would hold that lock after its parent was killed, so that the resumed
+    run waited for it forever (seen: a kill -9 test timing out). The ahead build's loader starts its workers in
+    the main thread, and they are running before the thread takes the lock."""
+    import multiprocessing
+    import threading
+
+    import distill.teacher.cache_views as tc
+    from torch.utils.data import DataLoader
+
+    started_by, children_at_lock = [], []
+    real_iter, real_lock = DataLoader.__iter__, tc._build_lock
+
+    def recorded_iter(self):
+        if isinstance(self.dataset, KeyedViews) and isinstance(self.sampler, list):  # a view's loader, not training's
+            started_by.append((threading.current_thread().name, self.num_workers))
+        return real_iter(self)
+
+    def recorded_lock(directory, rank):
+        if threading.current_thread().name.startswith("teacher-cache-view"):
+            children_at_lock.append(len(multiprocessing.active_children()))
+        return real_lock(directory, rank)
+
+    monkeypatch.setattr(DataLoader, "__iter__", recorded_iter)
+    monkeypatch.setattr(tc, "_build_lock", recorded_lock)
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, crop="pad", keyed_views=True)
+    module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache"), build_ahead=True))
+    trainer_factory(max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+    assert started_by == [("MainThread", 0), ("MainThread", 1)]  # view 0 when epoch 0 starts, view 1 ahead
+    assert children_at_lock and children_at_lock[0] >= 1
+    assert TeacherCache(tmp_path / "cache").built_views() == [0, 1]

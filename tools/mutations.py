@@ -593,6 +593,14 @@ MUTATIONS: list[Mutation] = [
         tests=["tests/test_teacher_cache.py::test_a_view_built_ahead_for_an_epoch_that_never_runs_stops_with_the_fit"],
     ),
     Mutation(
+        id="cache-ahead-workers-before-the-lock",
+        feature="the workers of a view built ahead start in the main thread, before the thread takes the view's lock",
+        file="distill/teacher/cache_views.py",
+        pattern="""self._build_shard(view, background=True, batches=batches)""",
+        replacement="""self._build_shard(view, background=True)""",
+        tests=["tests/test_teacher_cache.py::test_the_workers_of_a_view_built_ahead_start_in_the_main_thread_before_it_takes_the_lock"],
+    ),
+    Mutation(
         id="cache-ahead-error-raised",
         feature="an error of the build ahead stops training at the epoch that needs the view",
         file="distill/teacher/cache_views.py",

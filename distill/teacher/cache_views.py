@@ -86,7 +86,7 @@ class ViewBuilder:
     def _done(self, view: int) -> bool:
         return view_done(self.directory, view, self.trainer.global_rank, self.trainer.world_size)
 
-    def _build_shard(self, view: int, background: bool = False) -> None:
+    def _build_shard(self, view: int, background: bool = False, batches: Iterable[tuple] | None = None) -> None:
         rank, world = self.trainer.global_rank, self.trainer.world_size
         if self._done(view):
             return
@@ -101,7 +101,8 @@ class ViewBuilder:
             rank_zero_info(f"teacher cache: building view {view} ({self.cache.num_samples:,} samples){how} in "
                            f"{self.directory}")
             start, cpu = time.perf_counter(), time.thread_time()
-            batches = view_batches(self.dm, [view], rank, world, self.cfg.batch_size, background)
+            if batches is None:
+                batches = view_batches(self.dm, [view], rank, world, self.cfg.batch_size, background)
             build_cache(self.directory, self._stoppable_teacher if background else self.teacher, batches, num_samples=self.cache.num_samples,
                         num_classes=self.cache.num_classes, views=[view], topk=self.cache.topk, dtype=self.cfg.dtype,
                         rank=rank, world_size=world, device=self.device,
@@ -152,10 +153,16 @@ class ViewBuilder:
         if not self.ahead or self._done(view):
             return
         self.wait_ahead()
+        # The loader's worker processes start here, in the main thread and before the thread takes the view's
+        # lock: forked from the thread, a worker could inherit a lock the training thread holds at that moment
+        # and hang, and one that inherited the view's lock file would keep the view locked after its parent
+        # was killed (an orphan worker outlives a kill -9), so that the resumed run waited for it forever.
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        batches = iter(view_batches(self.dm, [view], rank, world, self.cfg.batch_size, background=True))
 
         def run() -> None:
             try:
-                self._build_shard(view, background=True)
+                self._build_shard(view, background=True, batches=batches)
             except BaseException as e:  # raised in the main thread by the next wait_ahead
                 self._error = e
 
