@@ -55,9 +55,6 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-
-from ..data.keyed_views import KeyedViews, collate_keyed
 
 FORMAT_VERSION = 2  # 1: every view built up front in one file per shard
 MANIFEST = "manifest.json"
