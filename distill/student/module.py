@@ -404,7 +404,7 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.loss.set_epoch(self.current_epoch)  # DKD's warm-up reads it
-        cached = getattr(self.teacher, "cache", None) if self.teacher is not None else None
+        cached = self._teacher_cache()
         if cached is not None:
             # The teacher cache builds this epoch's view when missing, and the next epoch's ahead when asked.
             cached.prepare_epoch(self.current_epoch, self._another_epoch_follows())
@@ -420,9 +420,13 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def _stop_cache_builds(self) -> None:
         """A view being built ahead that no epoch of this fit will read stops with the fit (no thread outlives it)."""
-        cached = getattr(self.teacher, "cache", None) if self.teacher is not None else None
+        cached = self._teacher_cache()
         if cached is not None:
             cached.stop()
+
+    def _teacher_cache(self):
+        """The `CachedTeacher` attached to the frozen teacher for this fit, or None."""
+        return getattr(self.teacher, "cache", None) if self.teacher is not None else None
 
     def _another_epoch_follows(self) -> bool:
         """Whether the trainer will start another epoch after this one, as its limits tell now (`max_epochs`,
