@@ -658,6 +658,38 @@ def test_a_view_built_ahead_for_an_epoch_that_never_runs_stops_with_the_fit(trai
     assert TeacherCache(tmp_path / "cache").built_views() == [0, 1]
 
 
+def test_a_view_built_ahead_stops_when_the_fit_fails(trainer_factory, tmp_path, monkeypatch):
+    """An error ends the fit while view 1 is being built ahead: the thread stops before the error reaches the
+    caller (a daemon thread still running the teacher when the interpreter exits aborts the process:
+    "terminate called without an active exception"), and view 1 is left unmarked."""
+    import threading
+    import time
+
+    import distill.teacher.cache_views as tc
+    import lightning as L
+
+    from distill.teacher.cache import build_cache as real
+
+    def slow(directory, teacher_fn, *a, **kw):
+        return real(directory, lambda x: (time.sleep(0.2), teacher_fn(x))[1], *a, **kw)
+
+    monkeypatch.setattr(tc, "build_cache", slow)
+
+    class FailAtTheFirstEpochEnd(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            raise RuntimeError("boom")
+
+    dm = ImageDataModule("digits", img_size=8, batch_size=64, keyed_views=True)
+    module = DistillModule(student=dict(STUDENT), teacher=tiny_teacher(in_chans=1), warmup_epochs=0,
+                           teacher_cache=TeacherCacheConfig(dir=str(tmp_path / "cache"), build_ahead=True))
+    trainer = trainer_factory(max_epochs=3, limit_train_batches=2, limit_val_batches=0,
+                              callbacks=[FailAtTheFirstEpochEnd()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, dm)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("teacher-cache-view")]
+    assert TeacherCache(tmp_path / "cache").built_views() == [0]
+
+
 def test_the_workers_of_a_view_built_ahead_start_in_the_main_thread_before_it_takes_the_lock(
         trainer_factory, tmp_path, monkeypatch):
     """Forked from the background thread, a worker could inherit a lock the training thread holds and hang; and

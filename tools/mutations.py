@@ -585,12 +585,24 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         id="cache-ahead-stops-with-the-fit",
         feature="a view being built ahead for an epoch that never runs stops with the fit",
-        file="distill/student/module.py",
-        pattern="""    def on_fit_end(self) -> None:
-        self._stop_cache_builds()""",
-        replacement="""    def on_fit_end(self) -> None:
+        file="distill/teacher/cache_views.py",
+        pattern="""    def on_fit_end(self, trainer, pl_module) -> None:
+        _stop_builds(pl_module)""",
+        replacement="""    def on_fit_end(self, trainer, pl_module) -> None:
         pass""",
         tests=["tests/test_teacher_cache.py::test_a_view_built_ahead_for_an_epoch_that_never_runs_stops_with_the_fit"],
+    ),
+    Mutation(
+        id="cache-ahead-stops-when-the-fit-fails",
+        feature="a view being built ahead stops when the fit fails (Lightning calls on_exception on callbacks only)",
+        file="distill/teacher/cache_views.py",
+        pattern="""        try:
+            _stop_builds(pl_module)
+        except Exception:""",
+        replacement="""        try:
+            pass
+        except Exception:""",
+        tests=["tests/test_teacher_cache.py::test_a_view_built_ahead_stops_when_the_fit_fails"],
     ),
     Mutation(
         id="cache-ahead-workers-before-the-lock",

@@ -18,6 +18,7 @@ from ..models.meta import model_meta, set_model_meta
 from ..models.sources import is_source
 from ..models.weights import STUDENT_KIND, load_weights_file
 from ..teacher.cache import CachedTeacher, TeacherCacheConfig, as_config as _cache_config
+from ..teacher.cache_views import StopViewsBuiltAhead
 from ..teacher.ensemble import TeacherEnsemble, load_teachers, teacher_files
 from ..training.fault_tolerance import NonFiniteLossGuard, ResumeState
 from ..training.lineage import run_record
@@ -382,8 +383,9 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         return total
 
     def configure_callbacks(self):
-        # Stop on a non-finite loss before a checkpoint is written; keep RNG state for exact resume.
-        callbacks = [NonFiniteLossGuard(), ResumeState()]
+        # Stop on a non-finite loss before a checkpoint is written; keep RNG state for exact resume; stop a
+        # teacher-cache view being built ahead when the fit ends or fails.
+        callbacks = [NonFiniteLossGuard(), ResumeState(), StopViewsBuiltAhead()]
         if self.hparams.get("frozen_backbone_epochs"):
             from ..training.finetune import FrozenBackbone
 
@@ -408,21 +410,6 @@ class DistillModule(EvaluationSteps, L.LightningModule):
         if cached is not None:
             # The teacher cache builds this epoch's view when missing, and the next epoch's ahead when asked.
             cached.prepare_epoch(self.current_epoch, self._another_epoch_follows())
-
-    def on_fit_end(self) -> None:
-        self._stop_cache_builds()
-
-    def on_exception(self, exception: BaseException) -> None:
-        try:
-            self._stop_cache_builds()
-        except Exception:  # noqa: BLE001 - the fit's own error is the one to report
-            pass
-
-    def _stop_cache_builds(self) -> None:
-        """A view being built ahead that no epoch of this fit will read stops with the fit (no thread outlives it)."""
-        cached = self._teacher_cache()
-        if cached is not None:
-            cached.stop()
 
     def _teacher_cache(self):
         """The `CachedTeacher` attached to the frozen teacher for this fit, or None."""

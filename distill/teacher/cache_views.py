@@ -25,6 +25,7 @@ import time
 from typing import Iterable, Literal, Sequence
 
 import torch
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from ..data.keyed_views import KeyedViews, collate_keyed
@@ -173,6 +174,28 @@ class ViewBuilder:
         self.wait_ahead()
         self._build_shard(view)
         self.trainer.strategy.barrier("teacher_cache_view")
+
+
+class StopViewsBuiltAhead(Callback):
+    """A view being built ahead that no epoch of the fit will read stops when the fit ends or fails (no thread
+    outlives the fit: a daemon thread still running the teacher when the interpreter exits aborts it). The
+    module's teacher carries the `CachedTeacher` as `.cache`. A Callback, not LightningModule hooks:
+    Lightning calls `on_exception` on callbacks and the datamodule, never on the LightningModule."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        _stop_builds(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        try:
+            _stop_builds(pl_module)
+        except Exception:  # noqa: BLE001 - the fit's own error is the one to report
+            pass
+
+
+def _stop_builds(pl_module) -> None:
+    cached = getattr(getattr(pl_module, "teacher", None), "cache", None)
+    if cached is not None:
+        cached.stop()
 
 
 class _Stopped(Exception):
