@@ -593,6 +593,16 @@ MUTATIONS: list[Mutation] = [
         tests=["tests/test_teacher_cache.py::test_a_view_built_ahead_for_an_epoch_that_never_runs_stops_with_the_fit"],
     ),
     Mutation(
+        id="lightning-hooks-are-real-hooks",
+        feature="every on_* method of our LightningModules, callbacks and datamodules is a hook Lightning calls",
+        file="distill/teacher/cache_views.py",
+        pattern="""    def on_fit_end(self, trainer, pl_module) -> None:
+        _stop_builds(pl_module)""",
+        replacement="""    def on_fit_ended(self, trainer, pl_module) -> None:
+        _stop_builds(pl_module)""",
+        tests=["tests/test_hooks.py"],
+    ),
+    Mutation(
         id="cache-ahead-stops-when-the-fit-fails",
         feature="a view being built ahead stops when the fit fails (Lightning calls on_exception on callbacks only)",
         file="distill/teacher/cache_views.py",
