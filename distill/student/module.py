@@ -18,7 +18,7 @@ from ..models.meta import model_meta, set_model_meta
 from ..models.sources import is_source
 from ..models.weights import STUDENT_KIND, load_weights_file
 from ..teacher.cache import CachedTeacher, TeacherCacheConfig, as_config as _cache_config
-from ..teacher.cache_views import StopViewsBuiltAhead
+from ..teacher.cache_views import StopViewsBuiltAhead, attached_cache
 from ..teacher.ensemble import TeacherEnsemble, load_teachers, teacher_files
 from ..training.fault_tolerance import NonFiniteLossGuard, ResumeState
 from ..training.lineage import run_record
@@ -406,14 +406,10 @@ class DistillModule(EvaluationSteps, L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.loss.set_epoch(self.current_epoch)  # DKD's warm-up reads it
-        cached = self._teacher_cache()
+        cached = attached_cache(self.teacher)
         if cached is not None:
             # The teacher cache builds this epoch's view when missing, and the next epoch's ahead when asked.
             cached.prepare_epoch(self.current_epoch, self._another_epoch_follows())
-
-    def _teacher_cache(self):
-        """The `CachedTeacher` attached to the frozen teacher for this fit, or None."""
-        return getattr(self.teacher, "cache", None) if self.teacher is not None else None
 
     def _another_epoch_follows(self) -> bool:
         """Whether the trainer will start another epoch after this one, as its limits tell now (`max_epochs`,

@@ -193,9 +193,14 @@ class StopViewsBuiltAhead(Callback):
 
 
 def _stop_builds(pl_module) -> None:
-    cached = getattr(getattr(pl_module, "teacher", None), "cache", None)
+    cached = attached_cache(getattr(pl_module, "teacher", None))
     if cached is not None:
         cached.stop()
+
+
+def attached_cache(teacher):
+    """The `CachedTeacher` attached to a frozen teacher (or ensemble) for this fit, or None (no teacher, no cache)."""
+    return getattr(teacher, "cache", None)
 
 
 class _Stopped(Exception):
